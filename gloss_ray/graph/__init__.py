@@ -1,0 +1,1 @@
+"""Global document graph: an embedding bank over the whole corpus and a kNN index on it."""
