@@ -229,7 +229,9 @@ def _load_hub(hf_dataset: str, text_column: str, label_column: str) -> tuple[dic
         frame = part.to_pandas()
         feature = part.features.get(label_column)
         if isinstance(feature, datasets.ClassLabel):  # integer ids -> class names
-            frame[label_column] = [feature.int2str(int(v)) if pd.notna(v) else None for v in frame[label_column]]
+            frame[label_column] = [
+                feature.int2str(int(v)) if pd.notna(v) else None for v in frame[label_column]
+            ]
         frames[split] = _clean(frame, f"{hf_dataset}[{name}]", text_column, label_column)
         files[split] = hf_dataset
     if "train" not in frames:
@@ -260,9 +262,14 @@ def load_corpus(
                                 ("hf_dataset", hf_dataset)) if v is not None]
     if len(given) != 1:
         what = "none" if not given else " and ".join(given)
-        raise DataError(f"give exactly one of benchmark, train_file (--train-file) or hf_dataset (--hf-dataset); got {what}")
+        raise DataError(
+            "give exactly one of benchmark, train_file (--train-file) or hf_dataset (--hf-dataset); "
+            f"got {what}"
+        )
     if train_file is None and (validation_file is not None or test_file is not None):
-        raise DataError("validation_file/test_file (--validation-file/--test-file) need train_file (--train-file)")
+        raise DataError(
+            "validation_file/test_file (--validation-file/--test-file) need train_file (--train-file)"
+        )
     limits = _limits(max_samples)
 
     raw: dict[str, pd.DataFrame] = {}
@@ -275,7 +282,10 @@ def load_corpus(
             root = resolve_data_dir(data_dir)
             name = benchmark.lower()
             if name not in BENCHMARKS:
-                raise DataError(f"unknown benchmark '{benchmark}' (valid: {', '.join(BENCHMARKS)}; data dir searched: {root})")
+                raise DataError(
+                    f"unknown benchmark '{benchmark}' (valid: {', '.join(BENCHMARKS)}; "
+                    f"data dir searched: {root})"
+                )
             folder = root / name
             if not folder.is_dir():
                 raise DataError(f"{folder}: benchmark directory not found; pass --data-dir or set {DATA_ENV}")
@@ -512,7 +522,9 @@ def shard_indices(n: int, world_size: int, rank: int) -> list[int]:
     """Contiguous evaluation shard of ``range(n)`` for ``rank``: shards in rank order cover every
     index exactly once (the first ``n % world_size`` ranks get one extra), no padding."""
     if world_size < 1 or not 0 <= rank < world_size or n < 0:
-        raise ValueError(f"need n >= 0 and 0 <= rank < world_size, got n={n}, world_size={world_size}, rank={rank}")
+        raise ValueError(
+            f"need n >= 0 and 0 <= rank < world_size, got n={n}, world_size={world_size}, rank={rank}"
+        )
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return list(range(start, start + base + (rank < extra)))

@@ -27,7 +27,7 @@ distribution (bounds as in :mod:`ray.tune`):
 * ``{choice: [a, b, ...]}``            one of the listed values;
 * ``{uniform: [lo, hi]}``              float in [lo, hi], lo < hi;
 * ``{loguniform: [lo, hi]}``           float, log-uniform, 0 < lo < hi;
-* ``{randint: [lo, hi]}``              integer in [lo, hi) -- *hi is exclusive*, as ``tune.randint``;
+* ``{randint: [lo, hi]}``              integer in [lo, hi) -- *hi is exclusive* (``tune.randint``);
 * ``{quniform: [lo, hi, q]}``          float in [lo, hi] rounded to a multiple of q > 0.
 
 Parameter names and valid values are in :data:`KNOWN_PARAMS`; every constant, choice and range
@@ -74,14 +74,17 @@ def _number(lo: float | None = None, hi: float | None = None, lo_open=False, hi_
     """Validator for a number in the interval given by lo/hi (None = unbounded)."""
     left, right = "(" if lo_open else "[", ")" if hi_open else "]"
     what = "an integer" if integer else "a number"
-    bounds = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+    if hi is None:
+        bounds = f"{'>' if lo_open else '>='} {lo}"
+    else:
+        bounds = f"in {left}{'-inf' if lo is None else lo}, {hi}{right}"
 
     def check(v: Any) -> None:
         if not _is_num(v) or (integer and not isinstance(v, int)):
             raise ValueError(f"must be {what}")
         if lo is not None and (v < lo or (lo_open and v == lo)) or \
                 hi is not None and (v > hi or (hi_open and v == hi)):
-            raise ValueError(f"must be {what} in {bounds}")
+            raise ValueError(f"must be {what} {bounds}")
     return check
 
 
@@ -291,7 +294,9 @@ def load_space(path: str | Path) -> Space:
     try:
         doc = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
-        raise ctx.fail("yaml", str(e)) from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "yaml"
+        raise ctx.fail(where, f"invalid YAML: {getattr(e, 'problem', None) or e}") from None
     doc = ctx.mapping(doc, "top level")
     for key in doc:
         if key not in TOP_LEVEL_KEYS:

@@ -27,7 +27,8 @@ from gloss_ray.errors import DataError
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """Benchmark data: $GLOSS_RAY_DATA, else shared/data next to the repository."""
-    path = Path(os.environ.get("GLOSS_RAY_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    path = Path(os.environ.get("GLOSS_RAY_DATA") or default)
     if not (path / "mr").is_dir():
         pytest.skip(f"benchmark data not found at {path}")
     return path
@@ -69,7 +70,8 @@ def test_mr_benchmark_with_max_samples(data_dir):
         assert all(isinstance(t, str) and t for t in frame["text"])
     again = load_corpus("mr", data_dir=data_dir, max_samples=50, seed=3)
     assert again.splits["train"].equals(corpus.splits["train"])
-    assert corpus.fingerprint("train") == hashlib.sha256((data_dir / "mr/train.parquet").read_bytes()).hexdigest()
+    expected = hashlib.sha256((data_dir / "mr" / "train.parquet").read_bytes()).hexdigest()
+    assert corpus.fingerprint("train") == expected
 
 
 def test_r52_vocabulary_from_train_and_validation_lacking_platinum(data_dir):
@@ -208,7 +210,8 @@ def test_balanced_class_weights_match_sklearn():
     weights = balanced_class_weights(labels, num_classes=4)
     expected = compute_class_weight("balanced", classes=np.array([0, 1, 3]), y=np.array(labels))
     assert weights.dtype == torch.float32
-    assert torch.allclose(weights, torch.tensor([expected[0], expected[1], 0.0, expected[2]], dtype=torch.float32))
+    want = torch.tensor([expected[0], expected[1], 0.0, expected[2]], dtype=torch.float32)
+    assert torch.allclose(weights, want)
 
 
 # --------------------------------------------------------------------------- tokenisation
@@ -285,7 +288,7 @@ def test_global_batch_sampler_deterministic_and_reshuffled_per_epoch():
 def test_balanced_sampler_gives_every_class_several_members():
     labels = np.array([0] * 500 + [1] * 60 + [2] * 9 + [3] * 2)
     classes, per_worker = 4, 8
-    samplers = [GlobalBatchSampler(labels, per_worker, world_size=2, rank=r, seed=0, balanced=True) for r in (0, 1)]
+    samplers = [GlobalBatchSampler(labels, per_worker, world_size=2, rank=r, balanced=True) for r in (0, 1)]
     global_size = 2 * per_worker  # 16 >= 2 * 4 classes
     for rank0, rank1 in zip(*samplers, strict=True):
         for part, size in ((rank0 + rank1, global_size), (rank0, per_worker), (rank1, per_worker)):
@@ -308,3 +311,19 @@ def test_shard_indices_cover_every_index_once_in_order(n, world):
     shards = [shard_indices(n, world, r) for r in range(world)]
     assert sum(shards, []) == list(range(n))
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_hf_dataset_maps_splits_and_class_labels(monkeypatch):
+    import datasets
+
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["neg", "pos"])})
+    part = lambda n: datasets.Dataset.from_dict(  # noqa: E731
+        {"sentence": [f"text {i}" for i in range(n)], "label": [i % 2 for i in range(n)]}, features=features)
+    fake = datasets.DatasetDict({"train": part(20), "dev": part(6), "test": part(4)})
+    monkeypatch.setattr(datasets, "load_dataset", lambda name: fake)
+    corpus = load_corpus(hf_dataset="org/toy", text_column="sentence")
+    assert corpus.label_names == ["neg", "pos"] and corpus.name == "org/toy"
+    assert {s: len(f) for s, f in corpus.splits.items()} == {"train": 20, "validation": 6, "test": 4}
+    assert corpus.files["validation"] == "org/toy"
+    assert corpus.fingerprint("test") == hashlib.sha256(b"org/toy\ntest").hexdigest()

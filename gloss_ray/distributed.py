@@ -1,0 +1,65 @@
+"""Collectives used by the training loop (plain ``torch.distributed``; no-ops on one process)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``x`` (equal shapes) in rank order; gradient flows to the local part.
+
+    Every rank then holds the global batch and computes the same global loss. Only the local slice
+    carries a gradient, so the caller scales that loss by the world size before ``backward`` (DDP
+    averages gradients over ranks): the summed gradient equals the single-process gradient.
+    """
+    if not is_dist():
+        return x
+    rank, world = rank_and_world()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[rank] = x
+    return torch.cat(parts)
+
+
+def gather_objects(obj) -> list:
+    """All ranks' Python objects, in rank order (for evaluation shards of unequal size)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_finite(value: torch.Tensor) -> bool:
+    """True only if ``value`` is finite on EVERY rank: a NaN guard all ranks take together."""
+    flag = torch.tensor([1.0 if bool(torch.isfinite(value).all()) else 0.0], device=value.device)
+    if is_dist():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_dist():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_value(value: float, device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if is_dist():
+        dist.broadcast(t, src=0)
+    return float(t.item())
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()

@@ -1,0 +1,69 @@
+"""Classify or embed a file of texts with a saved gloss-ray model (``gloss-ray predict`` / ``embed``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import DataError
+from .model import TextClassifier
+
+
+def read_texts(path: str, text_column: str = "text") -> list[str]:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"--input: file not found: {p}")
+    if p.suffix == ".txt":
+        texts = p.read_text(encoding="utf-8").splitlines()
+    else:
+        readers = {".csv": pd.read_csv, ".jsonl": lambda f: pd.read_json(f, lines=True), ".parquet": pd.read_parquet}
+        if p.suffix not in readers:
+            raise DataError(f"{p}: unsupported file type {p.suffix!r} (use .txt, .csv, .jsonl or .parquet)")
+        frame = readers[p.suffix](p)
+        if text_column not in frame.columns:
+            raise DataError(f"{p}: column {text_column!r} not found (columns: {', '.join(map(str, frame.columns))}); use --text-column")
+        texts = frame[text_column].tolist()
+    empty = [i + 1 for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+    if empty:
+        raise DataError(f"{p}: empty text in row(s) {', '.join(map(str, empty[:5]))}")
+    return texts
+
+
+@torch.no_grad()
+def _run(model_dir: str, texts: list[str], batch_size: int, max_length: int):
+    from transformers import AutoTokenizer
+
+    model = TextClassifier.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    logits, embs = [], []
+    for i in range(0, len(texts), batch_size):
+        b = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        lo, em = model(b["input_ids"], b["attention_mask"])
+        logits.append(lo)
+        embs.append(em)
+    return model, torch.cat(logits), torch.cat(embs)
+
+
+def predict_file(model_dir, input_path, output=None, text_column="text", batch_size=64, max_length=128) -> Path:
+    texts = read_texts(input_path, text_column)
+    model, logits, _ = _run(model_dir, texts, batch_size, max_length)
+    prob = logits.softmax(1)
+    names = model.label_names or [str(i) for i in range(logits.shape[1])]
+    frame = pd.DataFrame({"text": texts, "label": [names[i] for i in prob.argmax(1).tolist()],
+                          "confidence": prob.max(1).values.numpy()})
+    out = Path(output or Path(input_path).with_suffix(".predictions.csv"))
+    frame.to_json(out, orient="records", lines=True) if out.suffix == ".jsonl" else frame.to_csv(out, index=False)
+    return out
+
+
+def embed_file(model_dir, input_path, output=None, text_column="text", batch_size=64, max_length=128) -> Path:
+    texts = read_texts(input_path, text_column)
+    _, _, emb = _run(model_dir, texts, batch_size, max_length)
+    out = Path(output or Path(input_path).with_suffix(".embeddings.npy"))
+    if out.suffix == ".parquet":
+        pd.DataFrame({"text": texts, "embedding": list(emb.numpy())}).to_parquet(out)
+    else:
+        np.save(out, emb.numpy())
+    return out
