@@ -32,7 +32,9 @@ from .metrics import classification_metrics, silhouette
 from .model import TextClassifier, load_tokenizer, unwrap
 from .schedules import Schedule, int_schedule_value
 
-FAIL_ENV = "GLOSS_RAY_FAIL_ONCE_AFTER_EPOCH"  # testing hook: "EPOCH:MARKER_FILE" raises once after EPOCH
+# Testing hook (env var or cfg.extra["fail_once_after_epoch"]): "EPOCH:MARKER_FILE" makes rank 0 raise
+# once, right after EPOCH's checkpoint, to exercise resume.
+FAIL_ENV = "GLOSS_RAY_FAIL_ONCE_AFTER_EPOCH"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +143,31 @@ def build_aux_loss(cfg: TrainConfig, num_classes: int, class_weights):
     if cfg.loss == "contrastive":
         return ContrastiveLoss(cfg.margin_value)
     return None
+
+
+def step_objective(ce_fn, aux_fn, logits, emb, y, lam: float, *, sigma_scale: float = 1.0, k=None, mask_seed: int = 0):
+    """The loss of one step: ``(Objective for logging, loss to backpropagate)``.
+
+    CE is the local batch mean. The auxiliary loss sees the GLOBAL batch (all workers' embeddings and
+    labels, in rank order, gradient flowing to the local part); the G-Loss mask comes from
+    ``mask_seed`` so every rank (and a 1-worker run of the same global batch) draws the same one.
+    The auxiliary term is the same value on every rank but only the local slice has a gradient, so
+    it is scaled by the world size for backward: DDP's gradient average then equals the gradient of
+    the single-process objective on the global batch.
+    """
+    _, world = D.rank_and_world()
+    ce = ce_fn(logits.float(), y)
+    aux = torch.zeros((), device=logits.device)
+    if aux_fn is not None and lam > 0:
+        g_emb, g_y = D.gather_with_grad(emb.float()), D.gather_with_grad(y)
+        if isinstance(aux_fn, GLoss):
+            gen = torch.Generator().manual_seed(mask_seed)
+            sigma = aux_fn.current_sigma(g_emb.detach(), g_y) * sigma_scale
+            aux = aux_fn(g_emb, g_y, sigma=sigma, k=k, generator=gen).float()
+        else:
+            aux = aux_fn(g_emb, g_y)
+    obj = combined_objective(ce, aux, lam)
+    return obj, (1 - lam) * ce + lam * world * aux
 
 
 @torch.no_grad()
@@ -267,7 +294,7 @@ def train(cfg: TrainConfig, session) -> dict:
         aux_fn.sigma_value = state["sigma"]
 
     val_ds, val_labels = eval_sets["validation"], np.asarray(eval_sets["validation"]["label"])
-    fail = os.environ.get(FAIL_ENV)
+    fail = cfg.extra.get("fail_once_after_epoch") or os.environ.get(FAIL_ENV)
     history = state["history"]
     stop = False
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
@@ -287,22 +314,9 @@ def train(cfg: TrainConfig, session) -> dict:
             y = batch["labels"].to(device)
             with _autocast(device):
                 logits, emb = model(ids, am)
-            ce = ce_fn(logits.float(), y)
-            lam = lam_s(p) if aux_fn is not None else 0.0
-            aux = torch.zeros((), device=device)
-            if aux_fn is not None and lam > 0:
-                g_emb, g_y = D.gather_with_grad(emb.float()), D.gather_with_grad(y)
-                if isinstance(aux_fn, GLoss):
-                    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-                    base = aux_fn.current_sigma(g_emb.detach(), g_y)
-                    k = int_schedule_value(k_s, p) if k_s else cfg.k
-                    aux = aux_fn(g_emb, g_y, sigma=base * sigma_s(p), k=k, generator=gen).float()
-                else:
-                    aux = aux_fn(g_emb, g_y)
-            obj = combined_objective(ce, aux, lam)
-            # aux is the same global value on every rank but only the local slice has a gradient:
-            # scale by world so that DDP's gradient average equals the single-process gradient.
-            backward_loss = (1 - lam) * ce + lam * world * aux
+            obj, backward_loss = step_objective(ce_fn, aux_fn, logits, emb, y, lam_s(p) if aux_fn is not None else 0.0,
+                                                sigma_scale=sigma_s(p), k=int_schedule_value(k_s, p) if k_s else cfg.k,
+                                                mask_seed=cfg.seed * 1_000_003 + step)
             optimizer.zero_grad(set_to_none=True)
             if not D.all_finite(backward_loss.detach()):
                 state["skipped_steps"] += 1
@@ -312,7 +326,7 @@ def train(cfg: TrainConfig, session) -> dict:
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
-                sums += [obj.total.item(), ce.item(), aux.item(), 1]
+                sums += [obj.total.item(), obj.ce.item(), obj.aux.item(), 1]
             scheduler.step()
             state["global_step"] += 1
         tot = D.all_sum(sums.tolist(), device)

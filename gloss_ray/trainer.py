@@ -42,8 +42,11 @@ def _worker(config: dict) -> None:
     train(cfg, RaySession(join(storage_root(cfg.storage), cfg.name)))
 
 
-def fit(cfg: TrainConfig) -> dict:
-    """Run (or resume) one fine-tuning job on Ray Train; returns the run's ``metrics.json``."""
+def fit(cfg: TrainConfig, callbacks: list | None = None) -> dict:
+    """Run (or resume) one fine-tuning job on Ray Train; returns the run's ``metrics.json``.
+
+    ``callbacks`` go to ``RunConfig(callbacks=...)`` (e.g. Ray Tune's ``TuneReportCallback`` when a
+    Tune trial launches this trainer, so per-epoch metrics reach the scheduler)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -68,6 +71,7 @@ def fit(cfg: TrainConfig) -> dict:
             storage_path=root,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
     )
     print(f"[gloss-ray] run {cfg.name}: {cfg.workers} worker(s){' on GPU' if cfg.gpu else ''}, outputs -> {run_dir}\n"

@@ -1,0 +1,148 @@
+"""Fine-tuning through Ray Train: the CLI end to end, DDP equivalence, resume, and bad input."""
+import csv
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from gloss_ray import cli
+from gloss_ray.config import TrainConfig
+from gloss_ray.losses import GLoss, WeightedCrossEntropy
+from gloss_ray.train_loop import step_objective
+
+pytestmark = pytest.mark.ray
+
+N, DIM, C = 128, 12, 4
+
+
+def _fixed_problem():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 8, generator=g, dtype=torch.float64)
+    y = torch.arange(N) % C
+    return x, y
+
+
+def _net():
+    torch.manual_seed(1)
+    return torch.nn.Linear(8, DIM).double()
+
+
+def _step(net, x, y):
+    emb = net(x)
+    logits = emb[:, :C]
+    gl = GLoss(C, sigma=0.6, gamma=0.7, class_weights=torch.tensor([1.0, 2.0, 0.5, 1.5]))
+    return step_objective(WeightedCrossEntropy(), gl, logits, emb, y, lam=0.6, mask_seed=1234)
+
+
+def _ddp_worker(config):
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    net = _net()
+    model = ray.train.torch.prepare_model(net)
+    x, y = _fixed_problem()
+    per = N // world
+    sl = slice(rank * per, (rank + 1) * per)
+    obj, backward_loss = _step(model, x[sl], y[sl])
+    backward_loss.backward()
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps({
+        "aux": obj.aux.item(), "ce": obj.ce.item(),
+        "grad_w": net.weight.grad.tolist(), "grad_b": net.bias.grad.tolist()}))
+
+
+def test_two_workers_of_64_equal_one_process_of_128(ray_local):
+    """G-Loss on the all-gathered global batch: same value and same (DDP-averaged) gradient."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    net = _net()
+    x, y = _fixed_problem()
+    obj, loss = _step(net, x, y)
+    loss.backward()
+    with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as storage:
+        TorchTrainer(_ddp_worker, train_loop_config={"out": out}, scaling_config=ScalingConfig(num_workers=2),
+                     run_config=RunConfig(storage_path=storage, name="ddp_equiv")).fit()
+        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["aux"] == pytest.approx(obj.aux.item(), rel=1e-6)
+        np.testing.assert_allclose(r["grad_w"], net.weight.grad.numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(r["grad_b"], net.bias.grad.numpy(), rtol=1e-5, atol=1e-7)
+    # the two halves' CE means average to the global CE (equal halves, unweighted CE)
+    assert (ranks[0]["ce"] + ranks[1]["ce"]) / 2 == pytest.approx(obj.ce.item(), rel=1e-6)
+
+
+def test_train_cli_two_workers_real_minilm(ray_local, data_dir, tmp_path, capsys):
+    code = cli.main(["train", "--benchmark", "mr", "--loss", "gloss", "--epochs", "2", "--workers", "2",
+                     "--max-train", "192", "--max-eval", "96", "--batch-size", "16", "--max-length", "48",
+                     "--data-dir", str(data_dir), "--storage", str(tmp_path), "--name", "mr-gloss", "--no-progress"])
+    assert code == 0
+    run = tmp_path / "mr-gloss"
+    m = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= m["test_accuracy"] <= 1.0 and 0.0 <= m["test_macro_f1"] <= 1.0
+    assert m["num_workers"] == 2 and m["best_epoch"] in (1, 2) and m["config"]["loss"] == "gloss"
+    assert -1.0 <= m["silhouette"] <= 1.0 and m["wall_time_s"] > 0
+    rows = list(csv.DictReader(open(run / "history.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(float(r["train_aux"]) > 0 and float(r["train_ce"]) > 0 for r in rows)
+    assert (run / "plots" / "training_curves.png").stat().st_size > 1000
+    assert (run / "plots" / "embedding_map.png").stat().st_size > 1000
+    # the saved model reloads in Hugging Face format and classifies a file of texts
+    from transformers import AutoModel
+
+    assert AutoModel.from_pretrained(run / "model").config.hidden_size == 384
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a wonderful , moving film\nboring and far too long\n")
+    assert cli.main(["predict", "--model-dir", str(run / "model"), "--input", str(texts),
+                     "--output", str(tmp_path / "p.csv")]) == 0
+    pred = pd.read_csv(tmp_path / "p.csv")
+    assert len(pred) == 2 and set(pred["label"]) <= {"negative", "positive"}
+    assert cli.main(["embed", "--model-dir", str(run / "model"), "--input", str(texts),
+                     "--output", str(tmp_path / "e.npy")]) == 0
+    assert np.load(tmp_path / "e.npy").shape == (2, 384)
+
+
+def test_interrupted_run_resumes_with_one_history_row_per_epoch(ray_local, data_dir, tiny_model_dir, tmp_path):
+    from gloss_ray.trainer import fit
+
+    marker = tmp_path / "failed-once"
+    cfg = TrainConfig(benchmark="mr", data_dir=str(data_dir), model=tiny_model_dir, loss="gloss", epochs=3,
+                      max_train=64, max_eval=32, max_length=32, batch_size=16, storage=str(tmp_path), name="resume",
+                      max_failures=1, patience=10, progress=False,
+                      extra={"fail_once_after_epoch": f"1:{marker}"})
+    m = fit(cfg)
+    assert marker.exists()  # the worker really failed once after epoch 1
+    rows = list(csv.DictReader(open(tmp_path / "resume" / "history.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert m["epochs_run"] == 3
+
+
+def _cli_error(capsys, *args):
+    code = cli.main(["train", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("gloss-ray: error:"), err
+    return err
+
+
+def test_bad_input_is_one_line(tmp_path, capsys, data_dir):
+    good = pd.DataFrame({"text": ["good film", "bad film", "fine", "awful"], "label": ["pos", "neg", "pos", "neg"]})
+    good.to_csv(tmp_path / "train.csv", index=False)
+    assert "nope.csv" in _cli_error(capsys, "--train-file", str(tmp_path / "nope.csv"))
+    good.rename(columns={"text": "body"}).to_csv(tmp_path / "nocol.csv", index=False)
+    assert "'text'" in _cli_error(capsys, "--train-file", str(tmp_path / "nocol.csv"))
+    bad = good.copy()
+    bad.loc[2, "text"] = "   "
+    bad.to_csv(tmp_path / "empty.csv", index=False)
+    assert "row" in _cli_error(capsys, "--train-file", str(tmp_path / "empty.csv"))
+    test = good.copy()
+    test.loc[1, "label"] = "neutral"
+    test.to_csv(tmp_path / "test.csv", index=False)
+    assert "neutral" in _cli_error(capsys, "--train-file", str(tmp_path / "train.csv"), "--test-file", str(tmp_path / "test.csv"))
+    assert "imdb" in _cli_error(capsys, "--benchmark", "imdb", "--data-dir", str(data_dir))
+    assert "lam" in _cli_error(capsys, "--benchmark", "mr", "--lam", "1.5")
