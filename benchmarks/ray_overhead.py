@@ -1,0 +1,84 @@
+"""Ray's own overhead: the same fine-tuning loop (gloss_ray.train_loop.train) run through Ray Train with
+one worker vs in one plain PyTorch process, same data, same threads.
+
+    python benchmarks/ray_overhead.py                 # MR slice, all-MiniLM-L6-v2, CPU
+    python benchmarks/ray_overhead.py --gpu           # on a GPU machine
+
+Compares the mean training-epoch time (the loop over batches + validation, as recorded in
+history.csv) and the whole job's wall time (which for Ray includes starting the worker group).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+def epoch_times(run_dir: Path) -> list[float]:
+    return [float(r["epoch_time_s"]) for r in csv.DictReader(open(run_dir / "history.csv"))]
+
+
+def main() -> None:
+    import torch
+
+    from gloss_ray.config import TrainConfig
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--benchmark", default="mr")
+    ap.add_argument("--max-train", type=int, default=640)
+    ap.add_argument("--max-eval", type=int, default=256)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--loss", default="gloss")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="ray_overhead_"))
+    base = dict(benchmark=args.benchmark, loss=args.loss, epochs=args.epochs, max_train=args.max_train,
+                max_eval=args.max_eval, max_length=64, batch_size=32, patience=100, progress=False,
+                storage=str(tmp), cpus_per_worker=args.threads, gpu=args.gpu, max_failures=0)
+    results = {}
+
+    # plain PyTorch, one process
+    from gloss_ray.train_loop import LocalSession, train
+
+    torch.set_num_threads(args.threads)
+    cfg = TrainConfig(**base, name="plain")
+    t = time.time()
+    train(cfg, LocalSession(str(tmp / "plain")))
+    results["plain"] = {"wall_s": time.time() - t, "epoch_s": epoch_times(tmp / "plain")}
+
+    # Ray Train, one worker
+    from gloss_ray.trainer import fit, init_ray
+
+    init_ray(num_cpus=args.threads + 1, include_dashboard=False)
+    cfg = TrainConfig(**base, name="ray")
+    t = time.time()
+    fit(cfg)
+    results["ray"] = {"wall_s": time.time() - t, "epoch_s": epoch_times(tmp / "ray")}
+
+    mean = {k: sum(v["epoch_s"]) / len(v["epoch_s"]) for k, v in results.items()}
+    ratio = mean["ray"] / mean["plain"]
+    print(f"\nRay Train overhead: {args.benchmark} ({args.max_train} train docs), {args.loss}, {args.threads} threads, "
+          f"{'GPU' if args.gpu else 'CPU'}")
+    print(f"{'mode':<8} {'epoch s (mean)':>15} {'epochs':>24} {'job wall s':>11}")
+    for k, v in results.items():
+        print(f"{k:<8} {mean[k]:>15.2f} {str([round(x, 1) for x in v['epoch_s']]):>24} {v['wall_s']:>11.1f}")
+    print(f"ratio Ray / plain (epoch): {ratio:.3f}")
+    out = Path(args.out or Path(__file__).parent / "results" / f"ray_overhead_{'gpu' if args.gpu else 'cpu'}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "results": results, "epoch_ratio": ratio}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
