@@ -30,6 +30,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .losses.cross_entropy import balanced_class_weights  # noqa: F401  (re-exported)
+
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -312,21 +314,6 @@ def load_corpus(
             frame = _subsample(frame, limits[split], np.random.default_rng([seed, i]))
         splits[split] = frame
     return Corpus(name=name, label_names=label_names, splits=splits, files=files)
-
-
-def balanced_class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
-    """sklearn's "balanced" weights ``n / (C_present * count_c)`` (float32); absent classes get 0."""
-    y = np.asarray(labels, dtype=np.int64)
-    if y.size == 0 or y.min() < 0 or y.max() >= num_classes:
-        raise ValueError(f"labels must be non-empty ids in [0, {num_classes})")
-    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
-    present = counts > 0
-    weights = np.zeros(num_classes)
-    weights[present] = y.size / (present.sum() * counts[present])
-    return torch.tensor(weights, dtype=torch.float32)
-
-
-# --------------------------------------------------------------------------- tokenisation
 
 
 def _cache_key(tokenizer, max_length: int, key: str, texts: list[str]) -> str:

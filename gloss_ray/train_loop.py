@@ -145,7 +145,8 @@ def build_aux_loss(cfg: TrainConfig, num_classes: int, class_weights):
     return None
 
 
-def step_objective(ce_fn, aux_fn, logits, emb, y, lam: float, *, sigma_scale: float = 1.0, k=None, mask_seed: int = 0):
+def step_objective(ce_fn, aux_fn, logits, emb, y, lam: float, *, sigma_scale: float = 1.0, k=None, mask_seed: int = 0,
+                   batch_index=None, global_graph=None, global_weight: float = 1.0):
     """The loss of one step: ``(Objective for logging, loss to backpropagate)``.
 
     CE is the local batch mean. The auxiliary loss sees the GLOBAL batch (all workers' embeddings and
@@ -153,7 +154,9 @@ def step_objective(ce_fn, aux_fn, logits, emb, y, lam: float, *, sigma_scale: fl
     ``mask_seed`` so every rank (and a 1-worker run of the same global batch) draws the same one.
     The auxiliary term is the same value on every rank but only the local slice has a gradient, so
     it is scaled by the world size for backward: DDP's gradient average then equals the gradient of
-    the single-process objective on the global batch.
+    the single-process objective on the global batch. With a ``global_graph`` the global batch's
+    nearest corpus documents join G-Loss's graph as extra labelled nodes (and the bank takes the
+    batch's fresh embeddings).
     """
     _, world = D.rank_and_world()
     ce = ce_fn(logits.float(), y)
@@ -163,7 +166,13 @@ def step_objective(ce_fn, aux_fn, logits, emb, y, lam: float, *, sigma_scale: fl
         if isinstance(aux_fn, GLoss):
             gen = torch.Generator().manual_seed(mask_seed)
             sigma = aux_fn.current_sigma(g_emb.detach(), g_y) * sigma_scale
-            aux = aux_fn(g_emb, g_y, sigma=sigma, k=k, generator=gen).float()
+            extra = {}
+            if global_graph is not None:
+                g_idx = D.gather_with_grad(batch_index)
+                ex_emb, ex_lab = global_graph.lookup(g_idx, g_emb.detach())
+                extra = dict(extra_embeddings=ex_emb, extra_labels=ex_lab, extra_edge_weight=global_weight)
+                global_graph.update_online(g_idx, g_emb.detach())
+            aux = aux_fn(g_emb, g_y, sigma=sigma, k=k, generator=gen, **extra).float()
         else:
             aux = aux_fn(g_emb, g_y)
     obj = combined_objective(ce, aux, lam)
@@ -205,6 +214,18 @@ def _state_dict_cpu(model) -> dict:
 
 
 @torch.no_grad()
+def _encode_rows(model, dataset, rows, cfg, collate, device) -> torch.Tensor:
+    """Embeddings of ``dataset`` rows (no gradient, eval mode), in row order."""
+    net = unwrap(model)
+    net.eval()
+    out = []
+    for b in DataLoader(dataset.select(list(rows)), batch_size=cfg.eval_batch_size, collate_fn=collate):
+        with _autocast(device):
+            out.append(net(b["input_ids"].to(device), b["attention_mask"].to(device))[1].float())
+    return torch.cat(out) if out else torch.zeros(0, net.encoder.config.hidden_size, device=device)
+
+
+@torch.no_grad()
 def _sample_embeddings(model, dataset, cfg, collate, device, n=1024, seed=0):
     idx = np.random.default_rng(seed).permutation(len(dataset))[:n].tolist()
     sub = dataset.select(idx)
@@ -231,12 +252,14 @@ def train(cfg: TrainConfig, session) -> dict:
     C = corpus.num_classes
     tokenizer = load_tokenizer(cfg.model)
     collate = PadCollator(tokenizer.pad_token_id)
-    train_ds = _dataset(corpus, "train", tokenizer, cfg)
-    train_labels = np.asarray(train_ds["label"])
+    train_ds = full_train_ds = _dataset(corpus, "train", tokenizer, cfg)
+    train_labels = true_train_labels = np.asarray(train_ds["label"])
+    known_labels = true_train_labels.copy()
     if cfg.label_fraction < 1.0:
         known = known_label_subset(train_labels, cfg.label_fraction, cfg.seed)
         train_ds = train_ds.select(known.tolist())
         train_labels = train_labels[known]
+        known_labels[np.setdiff1d(np.arange(len(known_labels)), known)] = -1
         log(f"[gloss-ray] low-label setting: {len(known)} of {len(corpus.splits['train'])} training labels known")
     eval_sets = {s: _dataset(corpus, s, tokenizer, cfg) for s in ("validation", "test") if s in corpus.splits}
     sampler = GlobalBatchSampler(train_labels.tolist(), cfg.batch_size, world, rank, seed=cfg.seed,
@@ -255,6 +278,12 @@ def train(cfg: TrainConfig, session) -> dict:
     aux_fn = build_aux_loss(cfg, C, cw)
     if aux_fn is not None:
         aux_fn = aux_fn.to(device)
+    graph = None
+    if cfg.global_k > 0:
+        from .graph.global_graph import GlobalGraph
+
+        graph = GlobalGraph(len(full_train_ds), unwrap(model).encoder.config.hidden_size, known_labels,
+                            true_train_labels, C, cfg.global_k, cfg.global_max_nodes, cfg.index, device, seed=cfg.seed)
     lam_s = Schedule.parse(cfg.lam_schedule, default_value=cfg.lam)
     sigma_s = Schedule.parse(cfg.sigma_schedule, default_value=1.0)
     k_s = Schedule.parse(cfg.k_schedule, default_value=float(cfg.k or 16)) if cfg.k_schedule else None
@@ -298,9 +327,16 @@ def train(cfg: TrainConfig, session) -> dict:
     history = state["history"]
     stop = False
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        t0 = time.time()
+        diag = {}
+        if graph is not None and ((epoch - 1) % cfg.refresh_every == 0 or graph.neighbours is None):
+            diag = graph.refresh(lambda idx: _encode_rows(model, full_train_ds, idx, cfg, collate, device), state["global_step"])
+            log(f"[gloss-ray] global graph ({diag['graph_backend']}): refresh {diag['refresh_s']:.1f}s (encode "
+                f"{diag['encode_s']:.1f}s, index {diag['index_s']:.2f}s, search {diag['search_s']:.2f}s), recall@{cfg.global_k} "
+                f"{diag['recall_at_k']:.3f}, homophily {diag['homophily']:.3f}"
+                + (f", pseudo-label acc {diag['pseudo_label_accuracy']:.3f}" if "pseudo_label_accuracy" in diag else ""))
         model.train()
         sampler.set_epoch(epoch)
-        t0 = time.time()
         sums = np.zeros(4)  # total, ce, aux, steps
         it = train_loader
         if cfg.progress and rank == 0:
@@ -316,7 +352,8 @@ def train(cfg: TrainConfig, session) -> dict:
                 logits, emb = model(ids, am)
             obj, backward_loss = step_objective(ce_fn, aux_fn, logits, emb, y, lam_s(p) if aux_fn is not None else 0.0,
                                                 sigma_scale=sigma_s(p), k=int_schedule_value(k_s, p) if k_s else cfg.k,
-                                                mask_seed=cfg.seed * 1_000_003 + step)
+                                                mask_seed=cfg.seed * 1_000_003 + step, batch_index=batch["index"].to(device),
+                                                global_graph=graph, global_weight=cfg.global_weight)
             optimizer.zero_grad(set_to_none=True)
             if not D.all_finite(backward_loss.detach()):
                 state["skipped_steps"] += 1
@@ -338,6 +375,8 @@ def train(cfg: TrainConfig, session) -> dict:
                "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "lr": scheduler.get_last_lr()[0],
                "sigma": (aux_fn.sigma_value if isinstance(aux_fn, GLoss) else None), "lam": lam_s(state["global_step"] / max(1, total_steps)) if aux_fn else 0.0,
                "k": cfg.k, "epoch_time_s": epoch_time, "elapsed_s": state["elapsed_s"]}
+        if graph is not None:
+            row.update({k: v for k, v in diag.items() if k != "graph_backend"}, lookup_s=graph.take_lookup_seconds())
         history.append(row)
         improved = val["macro_f1"] > state["best_val_macro_f1"]
         if improved:
@@ -400,7 +439,7 @@ def write_outputs(cfg, run_dir, final, history, model, tokenizer, label_names, t
     with staged_output(run_dir) as out:
         (out / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
         with open(out / "history.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(history[0].keys()))
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in history for k in row)))
             w.writeheader()
             w.writerows(history)
         (out / "plots").mkdir()

@@ -146,3 +146,20 @@ def test_bad_input_is_one_line(tmp_path, capsys, data_dir):
     assert "neutral" in _cli_error(capsys, "--train-file", str(tmp_path / "train.csv"), "--test-file", str(tmp_path / "test.csv"))
     assert "imdb" in _cli_error(capsys, "--benchmark", "imdb", "--data-dir", str(data_dir))
     assert "lam" in _cli_error(capsys, "--benchmark", "mr", "--lam", "1.5")
+
+
+def test_two_worker_run_with_global_graph_logs_diagnostics(ray_local, data_dir, tiny_model_dir, tmp_path):
+    from gloss_ray.trainer import fit
+
+    cfg = TrainConfig(benchmark="r8", data_dir=str(data_dir), model=tiny_model_dir, loss="gloss", epochs=2, workers=2,
+                      max_train=160, max_eval=48, max_length=32, batch_size=16, global_k=8, global_max_nodes=64,
+                      label_fraction=0.5, storage=str(tmp_path), name="global", max_failures=0, progress=False)
+    m = fit(cfg)
+    assert m["global_graph"] is True and m["num_workers"] == 2
+    rows = list(csv.DictReader(open(tmp_path / "global" / "history.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for r in rows:
+        assert 0.0 <= float(r["homophily"]) <= 1.0
+        assert float(r["recall_at_k"]) == pytest.approx(1.0)  # exact FAISS index on a small corpus
+        assert 0.0 <= float(r["pseudo_label_accuracy"]) <= 1.0 and int(r["pseudo_labelled"]) > 0
+        assert float(r["refresh_s"]) > 0 and float(r["lookup_s"]) > 0

@@ -1,0 +1,113 @@
+"""The global document graph as the training loop uses it ("global G-Loss").
+
+Every ``refresh_every`` epochs the whole training corpus is re-encoded without gradients (each worker
+its shard, gathered so that every worker holds the same bank), a kNN index is rebuilt over the bank,
+the full kNN graph is searched once for diagnostics (and, in the low-label setting, to spread the
+known labels to the rest of the corpus as pseudo-labels). At each step the documents of the global
+batch look up their nearest corpus documents, which join the batch's label propagation as extra
+labelled nodes with their stored (detached) embeddings. Between refreshes the bank follows each
+batch's fresh embeddings (online update).
+
+Diagnostics per refresh: encode / index / search seconds, recall@k of the index against exact search
+on a sample, label homophily of the kNN graph (measured with the true labels, which in the low-label
+setting training never sees) and pseudo-label accuracy.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from .. import distributed as D
+from .bank import EmbeddingBank, GlobalNeighbours
+from .index import KnnIndex, exact_knn_torch, label_homophily
+from .pseudo import propagate_labels_knn
+
+
+class GlobalGraph:
+    def __init__(self, num_docs: int, dim: int, known_labels: np.ndarray, true_labels: np.ndarray, num_classes: int,
+                 k: int, max_nodes: int, backend: str = "auto", device: torch.device | str = "cpu",
+                 pseudo_confidence: float = 0.0, diag_queries: int = 1000, seed: int = 0):
+        self.device = torch.device(device)
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.known = torch.as_tensor(known_labels, dtype=torch.long)
+        self.true_labels = np.asarray(true_labels)
+        self.bank = EmbeddingBank(num_docs, dim, dtype, self.device, labels=self.known.clone().to(self.device))
+        self.num_classes, self.k, self.max_nodes = num_classes, k, max_nodes
+        self.backend, self.pseudo_confidence, self.diag_queries, self.seed = backend, pseudo_confidence, diag_queries, seed
+        self.neighbours: GlobalNeighbours | None = None
+        self.lookup_s = 0.0
+        self.lookups = 0
+
+    def refresh(self, encode, step: int) -> dict:
+        """``encode(indices) -> embeddings`` (no grad) for this worker's shard; returns diagnostics."""
+        from ..data import shard_indices
+
+        rank, world = D.rank_and_world()
+        t0 = time.perf_counter()
+        shard = shard_indices(self.bank.num_docs, world, rank)
+        emb = encode(shard).float()
+        t_enc = time.perf_counter() - t0
+        parts = D.gather_objects((np.asarray(shard, dtype=np.int64), emb.cpu().to(self.bank.dtype).numpy()))
+        for idx, vec in parts:
+            self.bank.set_rows(torch.from_numpy(idx), torch.from_numpy(vec))
+        self.bank.version += 1
+        self.bank.refreshed_at_step = step
+        t1 = time.perf_counter()
+        vecs = self.bank.as_tensor() if self.device.type == "cuda" else self.bank.as_tensor(torch.float32)
+        index = KnnIndex.build(vecs, self.backend, str(self.device))
+        t_index = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        n = self.bank.num_docs
+        k = min(self.k, n - 1)
+        graph = index.search(vecs, k, exclude_ids=torch.arange(n))
+        t_search = time.perf_counter() - t2
+        ids = graph.ids.cpu().numpy()
+        diag = {"refresh_s": time.perf_counter() - t0, "encode_s": t_enc, "index_s": t_index, "search_s": t_search,
+                "graph_backend": index.backend, "homophily": label_homophily(ids, self.true_labels)}
+        rng = np.random.default_rng(self.seed + step)
+        q = torch.as_tensor(rng.permutation(n)[: self.diag_queries])
+        diag["recall_at_k"] = tie_aware_recall(vecs.float(), q, torch.as_tensor(ids)[q], k)
+        if bool((self.known < 0).any()):
+            pred, conf = propagate_labels_knn(ids, graph.scores.cpu().numpy(), self.known.numpy(), self.num_classes)
+            unknown = self.known.numpy() < 0
+            use = unknown & (pred >= 0) & (conf >= self.pseudo_confidence)
+            labels = np.where(unknown, np.where(use, pred, -1), self.known.numpy())
+            self.bank.labels = torch.as_tensor(labels, device=self.bank.device)
+            diag["pseudo_label_accuracy"] = float((pred[unknown] == self.true_labels[unknown]).mean())
+            diag["pseudo_labelled"] = int(use.sum())
+        self.neighbours = GlobalNeighbours(self.bank, index)
+        return diag
+
+    def lookup(self, batch_indices: torch.Tensor, batch_embeddings: torch.Tensor):
+        """Extra labelled nodes for a (global) batch: ``(embeddings, labels)``, detached."""
+        t = time.perf_counter()
+        _, emb, lab = self.neighbours.lookup(batch_indices, batch_embeddings, self.k, self.max_nodes)
+        self.lookup_s += time.perf_counter() - t
+        self.lookups += 1
+        return emb, lab
+
+    def update_online(self, batch_indices: torch.Tensor, batch_embeddings: torch.Tensor) -> None:
+        self.bank.update_online(batch_indices.to(self.bank.device), batch_embeddings.detach().to(self.bank.device))
+
+    def take_lookup_seconds(self) -> float:
+        """Mean lookup seconds per step since the last call."""
+        mean = self.lookup_s / max(1, self.lookups)
+        self.lookup_s, self.lookups = 0.0, 0
+        return mean
+
+
+def tie_aware_recall(vecs: torch.Tensor, q: torch.Tensor, approx_ids: torch.Tensor, k: int) -> float:
+    """recall@k of ``approx_ids`` (neighbours of corpus rows ``q``, self excluded) against exact search,
+    counting a returned neighbour as correct when it is at least as similar as the exact k-th one
+    (so ties among equal scores -- duplicate documents -- do not count as misses)."""
+    qv = vecs[q.to(vecs.device)]
+    exact = exact_knn_torch(vecs, qv, k + 1)
+    own = exact.ids.cpu() == q[:, None]
+    kth = torch.where(own, torch.inf, exact.scores.cpu()).sort(dim=1, descending=True).values
+    kth = torch.where(own.any(1), exact.scores.cpu()[:, -1], kth[:, k - 1])  # k-th score without self
+    a = approx_ids.clamp_min(0).to(vecs.device)
+    sims = (vecs[a] * qv[:, None, :]).sum(-1).cpu()
+    hit = (approx_ids >= 0) & (approx_ids != q[:, None]) & (sims >= kth[:, None] - 1e-5)
+    return float(hit.sum(1).clamp(max=k).float().mean() / k)
