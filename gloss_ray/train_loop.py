@@ -115,7 +115,9 @@ def _dataset(corpus, split, tokenizer, cfg):
     frame = corpus.splits[split]
     key = f"{corpus.fingerprint(split)}:{split}"
     ds = tokenize_split(frame["text"].tolist(), tokenizer, cfg.max_length, cfg.cache_dir or _default_cache(), key)
-    return ds.add_column("label", frame["label"].astype(int).tolist()).add_column("index", list(range(len(frame))))
+    fp = f"{key}:{cfg.max_length}".encode().hex()[-60:]  # explicit fingerprints: no hashing of Arrow internals
+    ds = ds.add_column("label", frame["label"].astype(int).tolist(), new_fingerprint=fp + "l")
+    return ds.add_column("index", list(range(len(frame))), new_fingerprint=fp + "i")
 
 
 def _default_cache() -> str:
@@ -238,6 +240,9 @@ def _sample_embeddings(model, dataset, cfg, collate, device, n=1024, seed=0):
 
 def train(cfg: TrainConfig, session) -> dict:
     """Run the whole fine-tuning on this worker. Returns the final metrics (on every rank)."""
+    import datasets
+
+    datasets.disable_progress_bars()
     rank, world = D.rank_and_world()
     device = session.device()
     _seed_all(cfg.seed)
