@@ -11,6 +11,8 @@ faiss-ivf, faiss-hnsw, faiss-gpu) and size:
 * graph  - seconds for the full kNN graph: every doc queries k+1 neighbours, self excluded
   (exact backends on corpora above ``--max-exact-full`` docs are timed on the recall sample and
   extrapolated linearly; marked ``~``);
+* cpu    - CPU seconds (all threads) of build + graph: with 2 busy threads a quiet machine needs
+  about half of it in wall time, so it shows what a run squeezed by other processes would cost;
 * lookup - median ms of one ``GlobalNeighbours.lookup`` for a batch of 128 docs (k=16);
 * recall@16 against exact search (all docs up to 20k, else a sample of 2,000 queries), and the
   kNN label homophily.
@@ -72,14 +74,17 @@ def bench_backend(name: str, x: torch.Tensor, labels: torch.Tensor, k: int, samp
     if name == "torch-exact" and args.torch_dtype:
         params["dtype"] = getattr(torch, args.torch_dtype)
     xb = x.to(device)
+    cpu0 = time.process_time()
     idx = KnnIndex.build(xb, name, device, **params)
+    build_cpu = time.process_time() - cpu0
     extrapolated = name in EXACT and n > args.max_exact_full
     queries = sample if extrapolated else torch.arange(n)
     sync(device)
-    t = time.perf_counter()
+    t, cpu0 = time.perf_counter(), time.process_time()
     res = idx.search(xb[queries.to(xb.device)], k, exclude_ids=queries)
     sync(device)
     graph_s = (time.perf_counter() - t) * (n / len(queries))
+    graph_cpu = (time.process_time() - cpu0) * (n / len(queries))
     ids = res.ids.cpu()
     pos = torch.arange(len(sample)) if extrapolated else sample
     rec = recall_at_k(ids[pos], exact_ids)
@@ -101,6 +106,7 @@ def bench_backend(name: str, x: torch.Tensor, labels: torch.Tensor, k: int, samp
     shown = {p: v for p, v in idx.params.items() if p in ("nlist", "nprobe", "M", "ef_search", "dtype")}
     return {"backend": name, "device": device, "n": n, "build_s": idx.build_seconds, "graph_s": graph_s,
             "graph_extrapolated": extrapolated, "total_s": idx.build_seconds + graph_s,
+            "build_cpu_s": build_cpu, "graph_cpu_s": graph_cpu,
             "lookup_ms": 1000 * statistics.median(times), "recall_at_k": rec, "homophily": homophily,
             "params": {p: str(v) for p, v in shown.items()},
             "calib_recall": idx.params.get("calib_recall")}
@@ -123,14 +129,14 @@ def run_corpus(tag: str, x: torch.Tensor, labels: torch.Tensor, args: argparse.N
 
 
 HEADER = (f"{'corpus':<10} {'n':>8} {'backend':<12} {'dev':<5} {'build s':>8} {'graph s':>9} {'total s':>8} "
-          f"{'lookup ms':>9} {'recall@k':>8} {'homoph':>6}  params")
+          f"{'cpu s':>8} {'lookup ms':>9} {'recall@k':>8} {'homoph':>6}  params")
 
 
 def fmt_row(r: dict[str, Any]) -> str:
     graph = ("~" if r["graph_extrapolated"] else "") + f"{r['graph_s']:.2f}"
     params = " ".join(f"{k}={v}" for k, v in r["params"].items())
     return (f"{r['corpus']:<10} {r['n']:>8} {r['backend']:<12} {r['device']:<5} {r['build_s']:>8.2f} {graph:>9} "
-            f"{r['total_s']:>8.2f} {r['lookup_ms']:>9.2f} {r['recall_at_k']:>8.4f} {r['homophily']:>6.3f}  {params}")
+            f"{r['total_s']:>8.2f} {r['build_cpu_s'] + r['graph_cpu_s']:>8.1f} {r['lookup_ms']:>9.2f} {r['recall_at_k']:>8.4f} {r['homophily']:>6.3f}  {params}")
 
 
 def encode_texts(texts: list[str], device: str, batch_size: int = 64, max_length: int = 128) -> torch.Tensor:
@@ -164,8 +170,9 @@ def main() -> None:
                     help="exact backends above this size are timed on the recall sample and extrapolated")
     ap.add_argument("--exact-sample", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lookups", type=int, default=20)
+    ap.add_argument("--lookups", type=int, default=10)
     ap.add_argument("--real", default="", help="comma-separated benchmark names, e.g. mr,r8")
+    ap.add_argument("--real-limit", type=int, default=0, help="encode at most this many docs per benchmark (0 = all)")
     ap.add_argument("--data-dir", default=os.environ.get("GLOSS_RAY_DATA",
                                                          str(Path(__file__).resolve().parents[2] / "shared" / "data")))
     ap.add_argument("--out", default="")
@@ -190,6 +197,7 @@ def main() -> None:
     for name in [s for s in args.real.split(",") if s]:
         import pandas as pd
         df = pd.read_parquet(Path(args.data_dir) / name / "train.parquet")
+        df = df.iloc[:args.real_limit] if args.real_limit else df
         classes = sorted(df["label"].unique())
         labels = torch.tensor(df["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(), dtype=torch.long)
         t = time.perf_counter()

@@ -86,10 +86,17 @@ def test_approximate_backends_reach_recall(corpus, backend):
     assert label_homophily(res.ids, labels) > 0.9
 
 
-def test_ivf_fixed_params_skip_calibration(corpus):
+def test_ivf_fixed_params_and_list_major_search(corpus, monkeypatch):
     x, _, _ = corpus
     idx = KnnIndex.build(x, "faiss-ivf", nlist=64, nprobe=5)
     assert idx.params["nlist"] == 64 and idx._index.nprobe == 5 and "calib_recall" not in idx.params
+    q = x[:3000]
+    monkeypatch.setattr(index_mod, "LIST_MAJOR_MIN_QUERIES", 10**9)  # FAISS's own scan
+    ref = idx.search(q, 16)
+    monkeypatch.setattr(index_mod, "LIST_MAJOR_MIN_QUERIES", 1)  # list-by-list matmul scan
+    got = idx.search(q, 16)
+    assert (got.ids == ref.ids).float().mean() > 0.999  # equal up to float rounding among near-ties
+    assert torch.allclose(got.scores, ref.scores, atol=1e-5)
     idx = KnnIndex.build(x, "faiss-ivf", target_recall=None)
     assert idx.params["nprobe"] == max(8, -(-idx.params["nlist"] // 80))
 

@@ -11,7 +11,9 @@ Backends (see :func:`choose_backend`):
 ``faiss-ivf``    ``IndexIVFFlat`` (inner product); the coarse centroids are trained with a
                  spherical k-means in PyTorch and documents/queries are assigned to lists with a
                  PyTorch matmul (``add_core`` / ``search_preassigned``): on CPU, PyTorch's GEMM is
-                 several times faster than the one FAISS wheels use, and the result is the same index
+                 several times faster than the one FAISS wheels use, and the result is the same
+                 index. Large query batches (the full graph) are scanned list by list with one
+                 matmul per list (same candidates as FAISS, ~2x faster on a 100k corpus here)
 ``faiss-hnsw``   ``IndexHNSWFlat`` (inner product, M=32)
 ``faiss-gpu``    a FAISS GPU index (needs a FAISS GPU build)
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -32,6 +35,7 @@ Array = Union[torch.Tensor, np.ndarray]
 BACKENDS: tuple[str, ...] = ("torch-exact", "faiss-flat", "faiss-ivf", "faiss-hnsw", "faiss-gpu")
 FLAT_MAX_N = 50_000  # auto: exact faiss-flat up to this corpus size on CPU, faiss-ivf above
 SEARCH_BATCH = 65_536  # queries per FAISS/torch search call
+LIST_MAJOR_MIN_QUERIES = 16  # faiss-ivf: list-by-list matmul search when >= this many queries per list
 _MAX_SIM_ELEMENTS = 1 << 27  # cap on one similarity block (query chunk x bank) in exact_knn_torch
 
 
@@ -202,6 +206,7 @@ class KnnIndex:
         self._index: Any = None  # FAISS index
         self._bank: Optional[torch.Tensor] = None  # torch-exact
         self._centroids: Optional[torch.Tensor] = None  # faiss-ivf
+        self._quantizer: Any = None  # faiss-ivf coarse quantizer (the IVF index does not own it)
         self._gpu_res: Any = None  # faiss-gpu resources (kept alive with the index)
 
     @classmethod
@@ -211,7 +216,7 @@ class KnnIndex:
 
         Params by backend: ``torch-exact``: ``dtype``, ``chunk``; ``faiss-ivf``: ``nlist``
         (default ``4*sqrt(n)``, at most ``n/39``), ``nprobe``, ``niter`` (10), ``train_size`` (``32*nlist``),
-        ``seed``; ``faiss-hnsw``: ``M`` (32), ``ef_construction`` (40), ``ef_search``; ``faiss-gpu``:
+        ``seed``; ``faiss-hnsw``: ``M`` (32), ``ef_construction`` (``max(80, 2M)``), ``ef_search``; ``faiss-gpu``:
         ``gpu_index`` ("flat" or "ivf"), ``fp16`` (False), ``nlist``/``nprobe``. Any FAISS backend:
         ``num_threads`` sets ``faiss.omp_set_num_threads`` (left at FAISS's default otherwise).
 
@@ -242,8 +247,11 @@ class KnnIndex:
     # ---------------------------------------------------------------- builders
     def _build_torch_exact(self, vectors: Array) -> None:
         self._bank = _to_tensor(vectors).to(self.device)
-        if self.params.get("dtype") is not None:
-            self._bank = self._bank.to(self.params["dtype"])
+        dtype = self.params.get("dtype")
+        if isinstance(dtype, str):  # e.g. "bfloat16" from a config file
+            dtype = self.params["dtype"] = getattr(torch, dtype)
+        if dtype is not None:
+            self._bank = self._bank.to(dtype)
 
     def _build_faiss_flat(self, vectors: Array) -> None:
         self._index = _faiss().IndexFlatIP(self.dim)
@@ -260,6 +268,8 @@ class KnnIndex:
         """Smallest ``ladder`` value (passed to ``apply``) reaching ``target_recall`` on sampled queries."""
         target = self.params.get("target_recall", 0.96)
         k = min(int(self.params.get("calib_k", 16)), self.ntotal - 1)
+        if k < 1:
+            return ladder[-1]
         nq = min(int(self.params.get("calib_queries", 1000)), self.ntotal)
         g = torch.Generator().manual_seed(int(self.params.get("seed", 0)) + 1)
         rows = torch.randperm(self.ntotal, generator=g)[:nq]
@@ -280,6 +290,8 @@ class KnnIndex:
         nlist = self._ivf_nlist()
         g = torch.Generator().manual_seed(int(self.params.get("seed", 0)))
         train_n = min(self.ntotal, int(self.params.get("train_size") or 32 * nlist))
+        if not 1 <= nlist <= train_n:
+            raise ConfigError(f"nlist must be in [1, {train_n}] (training vectors), got {nlist}")
         sample = xt[torch.randperm(self.ntotal, generator=g)[:train_n]]
         self._centroids = spherical_kmeans(sample, nlist, niter=int(self.params.get("niter", 10)),
                                            seed=int(self.params.get("seed", 0)))
@@ -288,7 +300,7 @@ class KnnIndex:
         index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
         assign = np.ascontiguousarray(coarse_assign(xt, self._centroids, 1)[1][:, 0].numpy().astype(np.int64))
         index.add_core(self.ntotal, faiss.swig_ptr(x), None, faiss.swig_ptr(assign))
-        self._quantizer = quantizer  # the IVF index does not own it: keep it alive
+        self._quantizer = quantizer
         self._index = index
         self.params["nlist"] = nlist
         index.nprobe = self._ivf_nprobe(nlist)
@@ -301,7 +313,7 @@ class KnnIndex:
         faiss = _faiss()
         m = int(self.params.get("M", 32))
         index = faiss.IndexHNSWFlat(self.dim, m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = int(self.params.get("ef_construction", 40))
+        index.hnsw.efConstruction = int(self.params.get("ef_construction", max(80, 2 * m)))
         x = _to_numpy_f32(vectors)
         index.add(x)
         self._index = index
@@ -317,6 +329,7 @@ class KnnIndex:
         """FAISS GPU index (``GpuIndexFlatIP`` or ``GpuIndexIVFFlat`` via ``index_cpu_to_gpu``).
 
         Untested in this repository's CI: the reference machine has no GPU and no FAISS GPU build.
+        FAISS GPU search supports ``k <= 2048``.
         """
         faiss = _faiss()
         x = _to_numpy_f32(vectors)
@@ -350,12 +363,61 @@ class KnnIndex:
         if self.backend == "faiss-ivf":
             assert self._centroids is not None
             dq, iq = coarse_assign(torch.from_numpy(x), self._centroids, self._index.nprobe)
+            if x.shape[0] * self._index.nprobe >= LIST_MAJOR_MIN_QUERIES * self._index.nlist:
+                return self._ivf_search_list_major(torch.from_numpy(x), iq, kk)
             s, i = self._index.search_preassigned(x, kk, iq.numpy(), dq.numpy())
         else:
             if self.backend == "faiss-hnsw":
                 self._index.hnsw.efSearch = max(int(self.params["ef_search"]), kk)
             s, i = self._index.search(x, kk)
         return KnnResult(torch.from_numpy(s), torch.from_numpy(i))
+
+    def _ivf_search_list_major(self, q: torch.Tensor, probes: torch.Tensor, k: int) -> KnnResult:
+        """IVF search for many queries at once, list by list: same candidates as FAISS's own scan.
+
+        FAISS scans, for each query, each probed list: memory-bound, every list is re-read once per
+        query. Here all queries probing a list are gathered and scored with one matmul against the
+        list's vectors (read in place from the inverted lists), keeping each (query, probe) pair's
+        top-k; a final top-k merges the ``nprobe`` partial lists of each query. Lists are split over
+        ``torch.get_num_threads()`` Python threads, each running PyTorch single-threaded: the
+        process-wide PyTorch thread count is set to 1 for the duration of the scan.
+        """
+        faiss, invlists = _faiss(), self._index.invlists
+        nq, nprobe = probes.shape
+        cand_s = torch.full((nq, nprobe, k), float("-inf"))
+        cand_i = torch.full((nq, nprobe, k), -1, dtype=torch.long)
+        flat = probes.reshape(-1)
+        order = torch.sort(flat, stable=True).indices
+        ends = torch.cumsum(torch.bincount(flat, minlength=self._index.nlist), 0).tolist()
+        starts = [0] + ends[:-1]
+        qid, slot = order // nprobe, order % nprobe
+
+        def scan(lists: range) -> None:
+            for lst in lists:
+                size = invlists.list_size(lst)
+                if ends[lst] == starts[lst] or size == 0:
+                    continue
+                codes = faiss.rev_swig_ptr(invlists.get_codes(lst), size * self.dim * 4)
+                vecs = torch.from_numpy(codes.view(np.float32).reshape(size, self.dim))
+                ids = torch.from_numpy(faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy())
+                qs, sl = qid[starts[lst]:ends[lst]], slot[starts[lst]:ends[lst]]
+                kk = min(k, size)
+                v, i = (q[qs] @ vecs.T).topk(kk, dim=1)
+                cand_s[qs, sl, :kk] = v  # each (query, probe) pair belongs to one list: no write races
+                cand_i[qs, sl, :kk] = ids[i]
+
+        # Many small matmuls: one PyTorch thread each, lists split over a pool of Python threads.
+        workers = max(1, torch.get_num_threads())
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            nlist = self._index.nlist
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(scan, [range(w, nlist, workers) for w in range(workers)]))
+        finally:
+            torch.set_num_threads(saved)
+        v, j = cand_s.view(nq, -1).topk(k, dim=1)
+        return KnnResult(v, cand_i.view(nq, -1).gather(1, j))
 
     def search(self, queries: Array, k: int, exclude_ids: Optional[Array] = None,
                batch_size: int = SEARCH_BATCH) -> KnnResult:
