@@ -207,8 +207,9 @@ def aggregate(runs: list[Run]) -> tuple[list[dict], list[dict]]:
         row = {"benchmark": bench, "key": key, "loss": rs[0].m["loss"],
                "variant": cfg.get("variant"), "global_graph": bool(rs[0].m.get("global_graph")),
                "label_fraction": rs[0].m.get("label_fraction", 1.0),
+               # a run without --model used the packaged default encoder
                "encoder": next((cfg[k] for k in ("model", "encoder", "model_name") if cfg.get(k)),
-                               None),
+                               "all-MiniLM-L6-v2" if "model" in cfg else None),
                "n_seeds": len(rs), "seeds": [r.m["seed"] for r in rs]}
         for name in METRICS:
             s = _stats([r.m.get(name) for r in rs])
