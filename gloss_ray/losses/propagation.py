@@ -97,6 +97,20 @@ def reachable_from_labelled(t_ul: Tensor, t_uu: Tensor) -> Tensor:
             reach = new
 
 
+def _solve(t_uu: Tensor, rhs: Tensor, prior: Tensor) -> Tensor:
+    """``(I - T_UU)^-1 rhs``. A hidden group whose links to the labelled nodes are so weak that
+    ``I - T_UU`` is singular in floating point (e.g. near-duplicate hidden documents far from every
+    labelled one) is solved with a 1e-9 ridge instead of raising; rows that still come out
+    non-finite get the class prior."""
+    eye = torch.eye(t_uu.shape[0], dtype=t_uu.dtype, device=t_uu.device)
+    sol, info = torch.linalg.solve_ex(eye - t_uu, rhs)
+    if int(info) != 0:
+        sol = torch.linalg.solve_ex((1 + 1e-9) * eye - t_uu, rhs)[0]
+        bad = ~torch.isfinite(sol).all(dim=1, keepdim=True)
+        sol = torch.where(bad, prior.expand_as(sol), sol)
+    return sol
+
+
 def propagate(t: Tensor, y_l: Tensor, visible: Tensor) -> Tensor:
     """Harmonic solution ``F_U = (I - T_UU)^-1 T_UL Y_L`` for the hidden rows of ``t``.
 
@@ -112,14 +126,12 @@ def propagate(t: Tensor, y_l: Tensor, visible: Tensor) -> Tensor:
     prior = (y_l.sum(dim=0) / y_l.sum()).to(t.dtype)
     n_u = t_uu.shape[0]
     if bool(reach.all()):
-        eye = torch.eye(n_u, dtype=t.dtype, device=t.device)
-        return torch.linalg.solve(eye - t_uu, t_ul @ y_l.to(t.dtype))
+        return _solve(t_uu, t_ul @ y_l.to(t.dtype), prior)
     # "+ 0 * t.sum()" keeps the result attached to the graph (zero gradient) when nothing is reachable.
     out = prior.expand(n_u, -1) + 0.0 * t.sum()
     if bool(reach.any()):
         r = reach.nonzero().squeeze(1)
-        eye = torch.eye(r.numel(), dtype=t.dtype, device=t.device)
-        sub = torch.linalg.solve(eye - t_uu[r][:, r], t_ul[r] @ y_l.to(t.dtype))
+        sub = _solve(t_uu[r][:, r], t_ul[r] @ y_l.to(t.dtype), prior)
         out = out.index_put((r,), sub)
     return out
 
