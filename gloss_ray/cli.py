@@ -41,6 +41,7 @@ HELP = {
     "lam_schedule": "constant | linear_warmup | cosine | step, or a YAML dict",
     "sigma_schedule": "multiplier on sigma over training (same forms as --lam-schedule)",
     "k_schedule": "k over training (same forms as --lam-schedule)",
+    "head_lr": "learning rate of the classifier head (default: --lr)",
     "global_k": "global graph: corpus neighbours per batch document (0 = off)",
     "workers": "Ray Train workers (one per GPU with --gpu)",
     "storage": "where runs are written: a folder or s3://... / gs://... (Ray storage_path)",
@@ -72,6 +73,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         typ = {int: int, float: float}.get(type(default), _parse_scalar if f.name in ("k", "sigma", "margin") or "schedule" in f.name else str)
         if f.name in ("max_train", "max_eval"):
             typ = int
+        if f.name == "head_lr":
+            typ = float
         p.add_argument(flag, type=typ, default=None, metavar=f.name.upper(),
                        help=HELP.get(f.name, f.name.replace("_", " ")) + (f" (default: {default})" if default not in (None, "") else ""))
 
@@ -94,7 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_options(p)
     p.add_argument("--space", default="tune_spaces/default.yaml")
     p.add_argument("--samples", type=int, default=8, help="trials per benchmark x loss")
-    p.add_argument("--concurrency", type=int, default=None, help="concurrent trials (default: sized to the cluster)")
     p.add_argument("--grace-epochs", type=int, default=1, help="ASHA: epochs before a trial may be stopped")
 
     p = sub.add_parser("bench", help="fixed configurations x seeds, no search (e.g. to reproduce the paper's table)")
@@ -108,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_sweep_options(p):
     p.add_argument("--benchmarks", default="mr,r8,r52,ohsumed,20ng")
-    p.add_argument("--losses", default="ce,gloss,scl")
+    p.add_argument("--losses", default="ce,gloss,scl",
+                   help="comma-separated losses; bench also takes LOSS+global and LOSS@FRACTION (e.g. gloss+global@0.2)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--storage", default="runs")
     p.add_argument("--name", default=None, help="sweep name; re-use it to resume an interrupted sweep")
@@ -116,6 +119,8 @@ def _add_sweep_options(p):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base option (repeatable)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers per run")
     p.add_argument("--gpu", action="store_true")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="runs (trials) at a time (default: as many as the cluster's GPUs, or CPUs, hold)")
 
 
 def _train_overrides(args) -> dict:

@@ -19,6 +19,10 @@ LOSSES = ("ce", "gloss", "scl", "triplet", "contrastive")
 DEFAULT_MARGIN = {"triplet": 5.0, "contrastive": 1.0}
 
 
+FLOAT_KEYS = frozenset({"lr", "head_lr", "weight_decay", "warmup_ratio", "grad_clip", "lam", "gamma", "temperature",
+                        "margin", "dropout", "label_fraction", "global_weight", "cpus_per_worker"})
+
+
 @dataclass
 class TrainConfig:
     # data
@@ -63,6 +67,7 @@ class TrainConfig:
     batch_size: int = 32
     eval_batch_size: int = 64
     lr: float = 3e-5
+    head_lr: float | None = None      # the classifier head's learning rate (None: the same as lr)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     grad_clip: float = 1.0
@@ -114,14 +119,14 @@ class TrainConfig:
         for key in ("lr", "temperature"):
             if not getattr(self, key) > 0:
                 bad(key, f"must be > 0, got {getattr(self, key)}")
+        if self.head_lr is not None and not self.head_lr > 0:
+            bad("head_lr", f"must be > 0 or null (the same as lr), got {self.head_lr}")
         if self.margin is not None and self.margin <= 0:
             bad("margin", f"must be > 0, got {self.margin}")
         if self.global_k < 0 or self.global_max_nodes < 0 or self.global_weight < 0:
             bad("global_k", "global_k, global_max_nodes and global_weight must be >= 0")
         if self.global_k > 0 and self.loss != "gloss":
             bad("global_k", "the global graph feeds G-Loss: use it with --loss gloss")
-        if self.label_fraction < 1.0 and self.loss != "gloss":
-            bad("label_fraction", "the low-label setting needs --loss gloss (pseudo-labels come from the graph)")
         try:
             SigmaStrategy.parse(self.sigma)
         except ValueError as e:
@@ -157,7 +162,13 @@ class TrainConfig:
             defaults = cls.__dataclass_fields__
             for name, f in defaults.items():
                 default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-                setattr(cfg, name, d.get(name, default))
+                value = d.get(name, default)
+                if name in FLOAT_KEYS and isinstance(value, str):
+                    try:                                # YAML 1.1 reads 1e-4 (no dot) as a string
+                        value = float(value)
+                    except ValueError:
+                        raise ConfigError(f"{source}: {name}: expected a number, got {value!r}") from None
+                setattr(cfg, name, value)
             cfg.validate(source)
         except (TypeError, ValueError) as e:
             if isinstance(e, ConfigError):

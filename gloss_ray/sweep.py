@@ -90,22 +90,53 @@ def parse_sets(items: list[str]) -> dict:
     return out
 
 
+GLOBAL_K_DEFAULT = 16
+_SPEC = re.compile(r"^(?P<loss>[a-z_]+)(?P<glob>\+global)?(?:@(?P<frac>[0-9.]+))?$")
+
+
+def parse_loss_spec(spec: str) -> tuple[str, bool, float | None]:
+    """``"gloss+global@0.2"`` -> ``("gloss", True, 0.2)``: a loss, ``+global`` for the global graph
+    and ``@F`` for training on a fraction F of the labels -- the report's row keys."""
+    m = _SPEC.match(spec)
+    frac = None
+    if m and m["frac"]:
+        try:
+            frac = float(m["frac"])
+        except ValueError:
+            m = None
+    if not m:
+        raise ConfigError(f"--losses: {spec!r}: expected LOSS[+global][@FRACTION], e.g. ce, gloss+global, ce@0.2")
+    return m["loss"], bool(m["glob"]), frac
+
+
 def base_configs(args, benchmarks: list[str], losses: list[str]) -> dict[tuple, dict]:
-    """Validated base options per (benchmark, loss), as dicts, with the data folder pinned (trial
-    actors and workers may not share the driver's environment). Bad options, a missing benchmark
-    or model fail here, in one line, before any run starts."""
+    """Validated base options per (benchmark, loss spec), as dicts, with the data folder pinned
+    (trial actors and workers may not share the driver's environment). A spec's ``+global`` turns
+    the global graph on (``global_k`` from the options, else 16); when some spec has it, the specs
+    without it run without the global graph (so ``ce,gloss,gloss+global`` compares the three).
+    ``@F`` sets ``label_fraction``. Bad options, a missing benchmark or model fail here, in one
+    line, before any run starts."""
     from .data import resolve_data_dir
     from .trainer import preflight
 
     overrides = {"workers": args.workers, **({"gpu": True} if args.gpu else {}), **parse_sets(args.set)}
     bases = {}
+    specs = {spec: parse_loss_spec(spec) for spec in losses}
+    compare_global = any(glob for _, glob, _ in specs.values())
     for b in benchmarks:
-        for l in losses:
-            cfg = TrainConfig.from_sources(args.config, {**overrides, "benchmark": b, "loss": l})
+        for spec, (loss, glob, frac) in specs.items():
+            # read the options as a G-Loss run (which accepts every option), then apply the spec
+            d = TrainConfig.from_sources(args.config, {**overrides, "benchmark": b, "loss": "gloss"}).to_dict()
+            d["loss"] = loss
+            if compare_global:
+                d["global_k"] = (d["global_k"] or GLOBAL_K_DEFAULT) if glob else 0
+            if frac is not None:
+                d["label_fraction"] = frac
+            cfg = TrainConfig.from_dict(d, source=f"--losses {spec}")
             cfg.data_dir = str(resolve_data_dir(cfg.data_dir))
-            if l == losses[0]:
+            if spec == losses[0]:
                 preflight(cfg)
-            bases[(b, l)] = cfg.to_dict()
+            bases[(b, spec)] = cfg.to_dict()
     return bases
 
 
@@ -523,6 +554,9 @@ def main(args) -> int:
             raise ConfigError(f"{args.space}: metric: {space.metric!r} is not reported each epoch "
                               f"(one of {', '.join(REPORTED)})")
         for b, l in bases:
+            if parse_loss_spec(l)[1:] != (False, None):
+                raise ConfigError(f"--losses: {l!r}: +global and @FRACTION are for gloss-ray bench; in a "
+                                  "search put global_k / label_fraction in --set or the space file")
             space.for_run(b, l)                     # unknown benchmark, or loss not in the space
     name = args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = join(storage_root(args.storage), name)

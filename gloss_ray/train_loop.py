@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -238,6 +239,23 @@ def _sample_embeddings(model, dataset, cfg, collate, device, n=1024, seed=0):
     return torch.cat(out), torch.tensor(sub["label"])
 
 
+def param_groups(model, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: encoder weights (decayed), encoder biases/norms (not decayed), and the
+    classifier head at ``cfg.head_lr`` (default ``cfg.lr``). A fresh linear head learns little in a
+    few hundred steps at an encoder's learning rate, hence its own rate for short runs."""
+    no_decay = ("bias", "LayerNorm.weight", "norm.weight")
+    head = {id(p) for p in unwrap(model).head.parameters()}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if id(p) not in head and not any(x in n for x in no_decay)],
+         "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in named if id(p) not in head and any(x in n for x in no_decay)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if id(p) in head], "weight_decay": cfg.weight_decay,
+         "lr": cfg.head_lr if cfg.head_lr is not None else cfg.lr},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def train(cfg: TrainConfig, session) -> dict:
     """Run the whole fine-tuning on this worker. Returns the final metrics (on every rank)."""
     import datasets
@@ -247,7 +265,8 @@ def train(cfg: TrainConfig, session) -> dict:
     device = session.device()
     _seed_all(cfg.seed)
     t_start = time.time()
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    # sys.__stdout__: Ray Train V2 patches print() to tee into its logger, which doubled every line
+    log = (lambda *a: print(*a, file=sys.__stdout__, flush=True)) if rank == 0 else (lambda *a: None)
 
     corpus = load_corpus(cfg.benchmark, data_dir=cfg.data_dir, train_file=cfg.train_file,
                          validation_file=cfg.validation_file, test_file=cfg.test_file,
@@ -293,12 +312,7 @@ def train(cfg: TrainConfig, session) -> dict:
     sigma_s = Schedule.parse(cfg.sigma_schedule, default_value=1.0)
     k_s = Schedule.parse(cfg.k_schedule, default_value=float(cfg.k or 16)) if cfg.k_schedule else None
 
-    no_decay = ("bias", "LayerNorm.weight", "norm.weight")
-    params = [
-        {"params": [p for n, p in model.named_parameters() if not any(x in n for x in no_decay)], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if any(x in n for x in no_decay)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
     warm = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total_steps - s) / max(1, total_steps - warm)))

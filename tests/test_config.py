@@ -1,0 +1,116 @@
+"""TrainConfig files and options: configs/*.yaml, numbers from YAML, bench loss specs, the head's rate."""
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from gloss_ray.config import TrainConfig
+from gloss_ray.errors import ConfigError
+from gloss_ray.sweep import base_configs, parse_loss_spec
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def test_there_are_config_files():
+    assert "cpu_subset.yaml" in {p.name for p in CONFIG_FILES}
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_every_config_file_is_a_valid_train_config(path):
+    raw = yaml.safe_load(path.read_text())
+    cfg = TrainConfig.from_sources(str(path), {"benchmark": "mr"})
+    for key, value in raw.items():              # every key is read, and as a number where one is meant
+        assert getattr(cfg, key) == (float(value) if isinstance(getattr(cfg, key), float) else value), key
+
+
+def test_config_file_with_an_unknown_key_names_file_and_key(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("max_train: 10\nlearning_rate: 1e-4\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*learning_rate"):
+        TrainConfig.from_sources(str(p), {"benchmark": "mr"})
+
+
+def test_yaml_exponent_without_dot_is_read_as_a_number(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lr: 1e-4\nhead_lr: 3e-3\n")              # YAML 1.1 loads both as strings
+    cfg = TrainConfig.from_sources(str(p), {"benchmark": "mr"})
+    assert (cfg.lr, cfg.head_lr) == (1e-4, 3e-3)
+
+
+def test_a_word_where_a_number_is_meant_names_the_key():
+    with pytest.raises(ConfigError, match="lr: expected a number, got 'fast'"):
+        TrainConfig.from_dict({"benchmark": "mr", "lr": "fast"})
+    with pytest.raises(ConfigError, match="head_lr"):
+        TrainConfig.from_dict({"benchmark": "mr", "head_lr": 0})
+
+
+def test_label_fraction_works_with_every_loss_but_global_k_only_with_gloss():
+    assert TrainConfig(benchmark="mr", loss="ce", label_fraction=0.2).label_fraction == 0.2
+    with pytest.raises(ConfigError, match="global_k"):
+        TrainConfig(benchmark="mr", loss="ce", global_k=16)
+
+
+# --------------------------------------------------------------------------- bench loss specs
+@pytest.mark.parametrize("spec, parsed", [("ce", ("ce", False, None)), ("gloss+global", ("gloss", True, None)),
+                                          ("ce@0.2", ("ce", False, 0.2)), ("gloss+global@0.2", ("gloss", True, 0.2))])
+def test_loss_spec_is_parsed(spec, parsed):
+    assert parse_loss_spec(spec) == parsed
+
+
+@pytest.mark.parametrize("spec", ["gloss+glob", "ce@", "ce@0.2.1", "@0.2", "gloss global"])
+def test_malformed_loss_spec_is_an_error_naming_it(spec):
+    with pytest.raises(ConfigError, match="--losses"):
+        parse_loss_spec(spec)
+
+
+def _args(*sets, config=None):
+    return SimpleNamespace(workers=1, gpu=False, set=list(sets), config=config)
+
+
+def test_bench_specs_compare_batch_and_global_gloss(data_dir):
+    bases = base_configs(_args(), ["mr"], ["ce", "gloss", "gloss+global", "gloss+global@0.2"])
+    got = {spec: (d["loss"], d["global_k"], d["label_fraction"]) for (_, spec), d in bases.items()}
+    assert got == {"ce": ("ce", 0, 1.0), "gloss": ("gloss", 0, 1.0), "gloss+global": ("gloss", 16, 1.0),
+                   "gloss+global@0.2": ("gloss", 16, 0.2)}
+
+
+def test_bench_global_k_option_applies_only_to_global_specs(data_dir):
+    bases = base_configs(_args("global_k=8"), ["mr"], ["ce", "gloss", "gloss+global"])
+    assert [d["global_k"] for d in bases.values()] == [0, 0, 8]
+
+
+def test_without_global_specs_the_options_apply_as_given(data_dir):
+    bases = base_configs(_args("global_k=8"), ["mr"], ["gloss"])
+    assert bases[("mr", "gloss")]["global_k"] == 8
+    with pytest.raises(ConfigError, match="global_k"):
+        base_configs(_args("global_k=8"), ["mr"], ["ce", "gloss"])
+
+
+# --------------------------------------------------------------------------- optimiser groups
+def test_head_has_its_own_learning_rate_and_every_parameter_one_group(tiny_model_dir):
+    import torch
+
+    from gloss_ray.model import TextClassifier
+    from gloss_ray.train_loop import param_groups
+
+    model = TextClassifier.from_encoder(tiny_model_dir, 3)
+    cfg = TrainConfig(benchmark="mr", lr=1e-4, head_lr=3e-3)
+    groups = param_groups(model, cfg)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())          # each exactly once
+    head = [g for g in groups if g.get("lr") == 3e-3]
+    assert len(head) == 1 and {id(p) for p in head[0]["params"]} == {id(p) for p in model.head.parameters()}
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    assert sorted({g["lr"] for g in opt.param_groups}) == [1e-4, 3e-3]
+    same = param_groups(model, TrainConfig(benchmark="mr", lr=1e-4))
+    assert {g.get("lr", 1e-4) for g in same} == {1e-4}
+
+
+def test_tune_rejects_bench_specs_before_anything_runs(tmp_path, capsys, data_dir):
+    from gloss_ray import cli
+
+    assert cli.main(["tune", "--benchmarks", "mr", "--losses", "ce,gloss+global", "--storage", str(tmp_path)]) == 2
+    assert "gloss+global" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
