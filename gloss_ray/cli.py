@@ -121,6 +121,8 @@ def _add_sweep_options(p):
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--concurrency", type=int, default=None,
                    help="runs (trials) at a time (default: as many as the cluster's GPUs, or CPUs, hold)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep finished runs' and trials' Train checkpoints (default: removed; models and metrics stay)")
 
 
 def _train_overrides(args) -> dict:

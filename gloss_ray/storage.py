@@ -36,6 +36,18 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def remove_checkpoints(run_dir: str) -> int:
+    """Delete the Ray Train checkpoint folders (``checkpoint_*``) directly under a run's folder --
+    once a run has its metrics.json they only serve a resume that will not happen. Returns how many."""
+    fs, path = _fs(run_dir)
+    n = 0
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+            fs.delete_dir(info.path)
+            n += 1
+    return n
+
+
 def read_json(uri: str):
     fs, path = _fs(uri)
     with fs.open_input_stream(path) as f:

@@ -46,7 +46,7 @@ from ray.tune import Callback
 
 from .config import TrainConfig
 from .errors import ConfigError
-from .storage import exists, join, read_json
+from .storage import exists, join, read_json, remove_checkpoints
 
 PREFIX = "[gloss-ray]"
 ASHA_REDUCTION = 4   # ASHA keeps the best 1/4 of the trials at each rung (Ray's default)
@@ -457,6 +457,9 @@ def run_search(sweep_dir: str, benchmark: str, loss: str, base: dict, space, arg
     records = trial_records(results, benchmark, loss, epochs, space.metric, space.mode,
                             "gpu" if base["gpu"] else "cpu", base["workers"])
     _write_json(trials_file, records)
+    if not getattr(args, "keep_checkpoints", False):     # every trial has ended: nothing will resume them
+        removed = sum(remove_checkpoints(join(r.path, "run")) for r in results if r.path)
+        log(f"search {label}: removed {removed} trial checkpoint folder(s) (--keep-checkpoints keeps them)")
     n = {s: sum(t["status"] == s for t in records) for s in STATUSES}
     log(f"search {label}: {len(records)} trials ({n['TERMINATED']} finished, {n['STOPPED_EARLY']} stopped early, "
         f"{n['ERROR']} failed) -> {trials_file}")
@@ -471,9 +474,10 @@ def run_search(sweep_dir: str, benchmark: str, loss: str, base: dict, space, arg
 
 
 # --------------------------------------------------------------------------- final / bench runs
-def run_many(jobs: list[tuple[str, TrainConfig]], concurrency: int) -> int:
+def run_many(jobs: list[tuple[str, TrainConfig]], concurrency: int, keep_checkpoints: bool = False) -> int:
     """Run ``(label, cfg)`` jobs with ``fit``, ``concurrency`` at a time; a job whose metrics.json
-    exists is skipped, a failed one is reported and the others go on. Returns the failures."""
+    exists is skipped, a failed one is reported and the others go on; a finished job's checkpoint
+    folders are removed unless ``keep_checkpoints`` (its model/ and metrics stay). Returns the failures."""
     from .trainer import fit, storage_root
 
     todo, skipped, done, failed = [], 0, 0, 0
@@ -493,6 +497,9 @@ def run_many(jobs: list[tuple[str, TrainConfig]], concurrency: int) -> int:
             try:
                 m = fut.result()
                 done += 1
+                if not keep_checkpoints:
+                    cfg = next(c for lb, c in todo if lb == label)
+                    remove_checkpoints(join(storage_root(cfg.storage), cfg.name))
                 log(f"{label}: test acc {m.get('test_accuracy', math.nan):.4f} "
                     f"macro-F1 {m.get('test_macro_f1', math.nan):.4f}")
             except Exception as e:
@@ -582,7 +589,7 @@ def main(args) -> int:
             jobs.append((f"{stage} {b} x {l} seed {k}", cfg))
     log(f"{stage} runs: {len(jobs)} ({args.seeds} seed(s) x {len(bases) - len(missing)} benchmark x loss), "
         f"up to {concurrency} at a time")
-    failed = run_many(jobs, concurrency)
+    failed = run_many(jobs, concurrency, keep_checkpoints=getattr(args, "keep_checkpoints", False))
     _report(sweep_dir)
     if missing or failed:
         log(f"finished with problems: {failed} failed run(s); no result for {', '.join(missing) or '-'}")

@@ -74,9 +74,10 @@ def fit(cfg: TrainConfig, callbacks: list | None = None) -> dict:
             callbacks=callbacks,
         ),
     )
-    print(f"[gloss-ray] run {cfg.name}: {cfg.workers} worker(s){' on GPU' if cfg.gpu else ''}, outputs -> {run_dir}\n"
-          f"[gloss-ray] to resume after an interruption, run the same command with --name {cfg.name} --storage {cfg.storage}",
-          flush=True)
+    msg = f"[gloss-ray] run {cfg.name}: {cfg.workers} worker(s){' on GPU' if cfg.gpu else ''}, outputs -> {run_dir}"
+    if not cfg.extra.get("stage"):      # a sweep's runs resume with the sweep's command, which says so itself
+        msg += f"\n[gloss-ray] to resume after an interruption, run the same command with --name {cfg.name} --storage {cfg.storage}"
+    print(msg, flush=True)
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors; surface a bad-input error as one line

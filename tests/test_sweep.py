@@ -198,6 +198,25 @@ def test_final_runs_use_the_best_trial_and_match_the_report(sweep):
     assert f"report: {sweep['dir'] / 'report' / 'report.md'}" in sweep["out"]
 
 
+def test_finished_trials_and_runs_keep_models_but_not_checkpoints(sweep):
+    d = sweep["dir"]
+    assert [p for p in d.rglob("checkpoint_*") if p.is_dir()] == []
+    assert len(list(d.glob("runs/*/*/seed0/model/config.json"))) == 4
+    assert "removed" in sweep["out"] and "trial checkpoint folder(s)" in sweep["out"]
+
+
+def test_remove_checkpoints_deletes_only_checkpoint_folders(tmp_path):
+    from gloss_ray.storage import remove_checkpoints
+
+    for name in ("checkpoint_2026-01-01_00-00-00.1", "checkpoint_2026-01-01_00-00-01.2", "model"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "w.bin").write_bytes(b"x")
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert remove_checkpoints(str(tmp_path)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_manager_snapshot.json", "model"]
+    assert remove_checkpoints(str(tmp_path / "missing")) == 0
+
+
 # --------------------------------------------------------------------------- resume
 def test_rerun_resumes_without_rerunning_finished_work(sweep):
     """Same command again after an interruption that hit mr x gloss between the end of its Tune
@@ -209,7 +228,8 @@ def test_rerun_resumes_without_rerunning_finished_work(sweep):
     ended = {p: p.stat().st_mtime_ns for p in d.glob(f"search/*/*/{ENDED}")}   # rewritten if a trial ran again
     checkpoints = sorted(d.glob("search/*/*/run/checkpoint_*"))
     finals = {p: p.stat().st_mtime_ns for p in d.glob("runs/*/*/seed0/metrics.json")}
-    assert len(ended) == 4 * SAMPLES + 2 and checkpoints and len(finals) == 4
+    assert len(ended) == 4 * SAMPLES + 2 and len(finals) == 4
+    assert checkpoints == []            # removed once each search and each final run had finished
 
     rc, out = _run(sweep["argv"])
     assert rc == 1 and "search mr x gloss: resuming the interrupted search" in out
