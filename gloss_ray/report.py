@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from gloss_ray.errors import ConfigError
 
@@ -412,6 +412,9 @@ def _search_figure(figs: _Figures, bench: str, trials: list[dict]) -> Path | Non
             xs = [float(v[1]) for v in vals]
             if kind == "log":
                 ax.set_xscale("log")
+                ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}"))
+                ax.xaxis.set_minor_formatter(NullFormatter())     # matplotlib's minor labels overlap
         for loss in sorted({v[0] for v in vals}, key=_key_rank):
             sel = [i for i, v in enumerate(vals) if v[0] == loss]
             ax.scatter([xs[i] for i in sel], [vals[i][2] for i in sel], s=18, alpha=0.8,
@@ -419,7 +422,11 @@ def _search_figure(figs: _Figures, bench: str, trials: list[dict]) -> Path | Non
         ax.set_xlabel(title)
         ax.set_ylabel("best val macro-F1")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles = {}
+    for ax in axes:                             # one legend with every loss, wherever it appears
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    axes[-1].legend(list(handles.values()), list(handles), fontsize=8)
     fig.suptitle(f"{BENCH_LABEL.get(bench, bench)}: search trials")
     return figs.save(fig, f"search_{_slug(bench)}.png")
 
