@@ -226,7 +226,7 @@ def test_rerun_resumes_without_rerunning_finished_work(sweep):
     before = _trials(sweep, "mr", "gloss")
     (d / "search" / "mr__gloss" / "trials.json").unlink()
     ended = {p: p.stat().st_mtime_ns for p in d.glob(f"search/*/*/{ENDED}")}   # rewritten if a trial ran again
-    checkpoints = sorted(d.glob("search/*/*/run/checkpoint_*"))
+    checkpoints = sorted(p for p in d.glob("search/*/*/run/checkpoint_*") if p.is_dir())
     finals = {p: p.stat().st_mtime_ns for p in d.glob("runs/*/*/seed0/metrics.json")}
     assert len(ended) == 4 * SAMPLES + 2 and len(finals) == 4
     assert checkpoints == []            # removed once each search and each final run had finished
@@ -237,7 +237,7 @@ def test_rerun_resumes_without_rerunning_finished_work(sweep):
     assert out.count("skipped (metrics.json exists)") == 4 and "test acc" not in out
     assert _trials(sweep, "mr", "gloss") == before
     assert {p: p.stat().st_mtime_ns for p in d.glob(f"search/*/*/{ENDED}")} == ended
-    assert sorted(d.glob("search/*/*/run/checkpoint_*")) == checkpoints
+    assert sorted(p for p in d.glob("search/*/*/run/checkpoint_*") if p.is_dir()) == checkpoints
     assert {p: p.stat().st_mtime_ns for p in d.glob("runs/*/*/seed0/metrics.json")} == finals
 
 
