@@ -149,6 +149,16 @@ def test_paired_difference_to_ce(results):
     assert _row(res, "mr", "gloss")["delta_test_accuracy_p_value"] == d["p_value"]
 
 
+def test_global_graph_rows_are_also_compared_with_the_batch_loss(results):
+    d = next(x for x in results["json"]["differences"] if x["key"] == "gloss+global"
+             and x["baseline"] == "gloss" and x["metric"] == "test_accuracy")
+    glob = results["runs"][("r8", "gloss+global", 0)][0]["test_accuracy"]
+    batch = results["runs"][("r8", "gloss", 0)][0]["test_accuracy"]
+    assert d["n_pairs"] == 1 and d["mean_diff"] == pytest.approx(glob - batch)
+    assert _row(results, "r8", "gloss+global")["delta_batch_test_accuracy_mean_diff"] == d["mean_diff"]
+    assert "| gloss+global | gloss | test_accuracy | 1 |" in results["paths"]["report.md"].read_text()
+
+
 def test_convergence_and_search(results):
     res = results
     conv = {(c["benchmark"], c["key"]): c for c in res["json"]["convergence"]}
