@@ -499,7 +499,10 @@ def run_many(jobs: list[tuple[str, TrainConfig]], concurrency: int, keep_checkpo
                 done += 1
                 if not keep_checkpoints:
                     cfg = next(c for lb, c in todo if lb == label)
-                    remove_checkpoints(join(storage_root(cfg.storage), cfg.name))
+                    try:
+                        remove_checkpoints(join(storage_root(cfg.storage), cfg.name))
+                    except OSError as e:                      # the run itself succeeded
+                        log(f"{label}: could not remove its checkpoints: {_last_line(e)}")
                 log(f"{label}: test acc {m.get('test_accuracy', math.nan):.4f} "
                     f"macro-F1 {m.get('test_macro_f1', math.nan):.4f}")
             except Exception as e:
