@@ -458,8 +458,11 @@ def run_search(sweep_dir: str, benchmark: str, loss: str, base: dict, space, arg
                             "gpu" if base["gpu"] else "cpu", base["workers"])
     _write_json(trials_file, records)
     if not getattr(args, "keep_checkpoints", False):     # every trial has ended: nothing will resume them
-        removed = sum(remove_checkpoints(join(r.path, "run")) for r in results if r.path)
-        log(f"search {label}: removed {removed} trial checkpoint folder(s) (--keep-checkpoints keeps them)")
+        try:
+            removed = sum(remove_checkpoints(join(r.path, "run")) for r in results if r.path)
+            log(f"search {label}: removed {removed} trial checkpoint folder(s) (--keep-checkpoints keeps them)")
+        except OSError as e:
+            log(f"search {label}: could not remove trial checkpoints: {_last_line(e)}")
     n = {s: sum(t["status"] == s for t in records) for s in STATUSES}
     log(f"search {label}: {len(records)} trials ({n['TERMINATED']} finished, {n['STOPPED_EARLY']} stopped early, "
         f"{n['ERROR']} failed) -> {trials_file}")
