@@ -70,11 +70,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             else:
                 p.add_argument(flag, action="store_const", const=True, default=None, help=HELP.get(f.name, f.name))
             continue
-        typ = {int: int, float: float}.get(type(default), _parse_scalar if f.name in ("k", "sigma", "margin") or "schedule" in f.name else str)
-        if f.name in ("max_train", "max_eval"):
-            typ = int
-        if f.name == "head_lr":
-            typ = float
+        if f.name in ("k", "sigma", "margin") or "schedule" in f.name:
+            typ = _parse_scalar                          # words too: dense / none, root, cosine ...
+        else:                                            # from the annotation ("int | None" -> int)
+            typ = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         p.add_argument(flag, type=typ, default=None, metavar=f.name.upper(),
                        help=HELP.get(f.name, f.name.replace("_", " ")) + (f" (default: {default})" if default not in (None, "") else ""))
 

@@ -19,10 +19,6 @@ LOSSES = ("ce", "gloss", "scl", "triplet", "contrastive")
 DEFAULT_MARGIN = {"triplet": 5.0, "contrastive": 1.0}
 
 
-FLOAT_KEYS = frozenset({"lr", "head_lr", "weight_decay", "warmup_ratio", "grad_clip", "lam", "gamma", "temperature",
-                        "margin", "dropout", "label_fraction", "global_weight", "cpus_per_worker"})
-
-
 @dataclass
 class TrainConfig:
     # data
@@ -163,7 +159,7 @@ class TrainConfig:
             for name, f in defaults.items():
                 default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
                 value = d.get(name, default)
-                if name in FLOAT_KEYS and isinstance(value, str):
+                if str(f.type).startswith("float") and isinstance(value, str):
                     try:                                # YAML 1.1 reads 1e-4 (no dot) as a string
                         value = float(value)
                     except ValueError:

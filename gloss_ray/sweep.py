@@ -494,14 +494,13 @@ def run_many(jobs: list[tuple[str, TrainConfig]], concurrency: int, keep_checkpo
         return 0
     pool = ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(todo))))
     try:
-        futures = {pool.submit(fit, cfg): label for label, cfg in todo}
+        futures = {pool.submit(fit, cfg): (label, cfg) for label, cfg in todo}
         for fut in as_completed(futures):
-            label = futures[fut]
+            label, cfg = futures[fut]
             try:
                 m = fut.result()
                 done += 1
                 if not keep_checkpoints:
-                    cfg = next(c for lb, c in todo if lb == label)
                     try:
                         remove_checkpoints(join(storage_root(cfg.storage), cfg.name))
                     except OSError as e:                      # the run itself succeeded
