@@ -1,8 +1,13 @@
 """Ray's own overhead: the same fine-tuning loop (gloss_ray.train_loop.train) run through Ray Train with
-one worker vs in one plain PyTorch process, same data, same threads.
+one worker, as ``gloss-ray train`` runs it by default, vs in one plain PyTorch process using all the
+machine's threads.
 
     python benchmarks/ray_overhead.py                 # MR slice, all-MiniLM-L6-v2, CPU
     python benchmarks/ray_overhead.py --gpu           # on a GPU machine
+
+The Ray run uses gloss-ray's defaults: a local Ray instance that sees every core, and automatic
+``cpus_per_worker`` (one worker holding all CPUs; its PyTorch threads = the CPUs it reserved);
+``--ray-cpus N`` sets the worker's CPUs instead. The plain run uses ``--threads`` (default: all cores).
 
 Compares the mean training-epoch time (the loop over batches + validation, as recorded in
 history.csv) and the whole job's wall time (which for Ray includes starting the worker group).
@@ -38,7 +43,8 @@ def main() -> None:
     ap.add_argument("--max-train", type=int, default=640)
     ap.add_argument("--max-eval", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="plain run's PyTorch threads")
+    ap.add_argument("--ray-cpus", type=float, default=None, help="Ray worker's CPUs (default: automatic)")
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--loss", default="gloss")
     ap.add_argument("--out", default=None)
@@ -47,17 +53,18 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ray_overhead_"))
     base = dict(benchmark=args.benchmark, loss=args.loss, epochs=args.epochs, max_train=args.max_train,
                 max_eval=args.max_eval, max_length=64, batch_size=32, patience=100, progress=False,
-                storage=str(tmp), cpus_per_worker=args.threads, gpu=args.gpu, max_failures=0)
+                storage=str(tmp), gpu=args.gpu, max_failures=0)
     results = {}
 
     # Ray Train, one worker
     from gloss_ray.trainer import fit, init_ray
 
-    init_ray(num_cpus=args.threads + 1, include_dashboard=False)
-    cfg = TrainConfig(**base, name="ray")
+    init_ray(include_dashboard=False)
+    cfg = TrainConfig(**base, name="ray", cpus_per_worker=args.ray_cpus)
     t = time.time()
-    fit(cfg)
-    results["ray"] = {"wall_s": time.time() - t, "epoch_s": epoch_times(tmp / "ray")}
+    m = fit(cfg)
+    results["ray"] = {"wall_s": time.time() - t, "epoch_s": epoch_times(tmp / "ray"),
+                      "cpus_per_worker": m["config"]["cpus_per_worker"]}
 
     # plain PyTorch, one process
     from gloss_ray.train_loop import LocalSession, train
@@ -66,12 +73,13 @@ def main() -> None:
     cfg = TrainConfig(**base, name="plain")
     t = time.time()
     train(cfg, LocalSession(str(tmp / "plain")))
-    results["plain"] = {"wall_s": time.time() - t, "epoch_s": epoch_times(tmp / "plain")}
+    results["plain"] = {"wall_s": time.time() - t, "epoch_s": epoch_times(tmp / "plain"), "threads": args.threads}
 
     mean = {k: sum(v["epoch_s"]) / len(v["epoch_s"]) for k, v in results.items()}
     ratio = mean["ray"] / mean["plain"]
-    print(f"\nRay Train overhead: {args.benchmark} ({args.max_train} train docs), {args.loss}, {args.threads} threads, "
-          f"{'GPU' if args.gpu else 'CPU'}")
+    print(f"\nRay Train overhead: {args.benchmark} ({args.max_train} train docs), {args.loss}, "
+          f"{'GPU' if args.gpu else 'CPU'}; Ray worker {results['ray']['cpus_per_worker']:g} CPU(s), "
+          f"plain {args.threads} thread(s)")
     print(f"{'mode':<8} {'epoch s (mean)':>15} {'epochs':>24} {'job wall s':>11}")
     for k, v in results.items():
         print(f"{k:<8} {mean[k]:>15.2f} {str([round(x, 1) for x in v['epoch_s']]):>24} {v['wall_s']:>11.1f}")

@@ -6,6 +6,7 @@
     gloss-ray tune    --benchmarks mr,r8 --losses ce,gloss --space tune_spaces/default.yaml --samples 8
     gloss-ray bench   --benchmarks mr,r8 --losses ce,gloss --seeds 3
     gloss-ray report  RESULTS_DIR
+    gloss-ray data download [mr r8 r52 ohsumed 20ng] [--dest DIR]
 
 Every ``train`` option is a field of :class:`gloss_ray.config.TrainConfig` (``--lam`` <-> ``lam``), so a
 YAML file given with ``--config`` uses the same names; flags given on the command line win.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -43,6 +45,8 @@ HELP = {
     "k_schedule": "k over training (same forms as --lam-schedule)",
     "head_lr": "learning rate of the classifier head (default: --lr)",
     "global_k": "global graph: corpus neighbours per batch document (0 = off)",
+    "pseudo_confidence": "global graph with --label-fraction < 1: an unlabelled neighbour joins with its pseudo-label "
+                         "only if the label's share of its spread scores is at least this (0 = all)",
     "workers": "Ray Train workers (one per GPU with --gpu)",
     "storage": "where runs are written: a folder or s3://... / gs://... (Ray storage_path)",
     "name": "run name; re-use it with the same --storage to resume",
@@ -90,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--text-column", default="text")
         p.add_argument("--output", help="output file (.csv/.jsonl for predict; .npy/.parquet for embed)")
         p.add_argument("--batch-size", type=int, default=64)
-        p.add_argument("--max-length", type=int, default=128)
+        p.add_argument("--max-length", type=int, default=None,
+                       help="truncate texts to this many tokens (default: the length the model was trained with)")
 
     p = sub.add_parser("tune", help="Ray Tune search over losses and benchmarks, then final runs and a report")
     _add_sweep_options(p)
@@ -104,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="summarise a results folder into report.md / report.html / results.csv")
     p.add_argument("results_dir")
     p.add_argument("--out", help="output folder (default: RESULTS_DIR)")
+
+    from .download import add_parser as add_data_parser  # gloss-ray data download [NAME ...] [--dest DIR]
+    add_data_parser(sub)
     return parser
 
 
@@ -132,6 +140,7 @@ def cmd_train(args) -> int:
     from .trainer import fit
 
     cfg = TrainConfig.from_sources(args.config, _train_overrides(args))
+    cfg.extra["command"] = args.command_line     # for the model card
     m = fit(cfg)
     print(f"test accuracy {m.get('test_accuracy', float('nan')):.4f}  macro-F1 {m.get('test_macro_f1', float('nan')):.4f}  "
           f"best epoch {m['best_epoch']}  wall {m['wall_time_s']:.0f}s")
@@ -163,11 +172,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from .download import cli
+
+    return cli(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["gloss-ray", *(sys.argv[1:] if argv is None else argv)])
     handlers = {"train": cmd_train, "predict": cmd_predict_embed, "embed": cmd_predict_embed,
-                "tune": cmd_sweep, "bench": cmd_sweep, "report": cmd_report}
+                "tune": cmd_sweep, "bench": cmd_sweep, "report": cmd_report, "data": cmd_data}
     try:
         return handlers[args.command](args)
     except GlossRayError as e:

@@ -4,6 +4,7 @@ overrides; unknown keys and bad values raise :class:`ConfigError` naming the fil
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from .losses.sigma import SigmaStrategy
 from .schedules import Schedule
 
 LOSSES = ("ce", "gloss", "scl", "triplet", "contrastive")
+# options that name a local file or folder (or a URI); made absolute on the driver by ``resolved``
+PATH_FIELDS = ("data_dir", "train_file", "validation_file", "test_file", "storage", "cache_dir")
 DEFAULT_MARGIN = {"triplet": 5.0, "contrastive": 1.0}
 
 
@@ -58,6 +61,7 @@ class TrainConfig:
     global_weight: float = 1.0
     refresh_every: int = 1
     index: str = "auto"
+    pseudo_confidence: float = 0.0    # low-label setting: keep a pseudo-label only at this confidence or above
     # optimisation
     epochs: int = 3
     batch_size: int = 32
@@ -73,7 +77,7 @@ class TrainConfig:
     # Ray
     workers: int = 1
     gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: 1 with --gpu; else the node's CPUs shared by the workers
     storage: str = "runs"
     name: str | None = None
     max_failures: int = 2
@@ -115,6 +119,8 @@ class TrainConfig:
         for key in ("lr", "temperature"):
             if not getattr(self, key) > 0:
                 bad(key, f"must be > 0, got {getattr(self, key)}")
+        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
+            bad("cpus_per_worker", f"must be > 0 or null (automatic), got {self.cpus_per_worker}")
         if self.head_lr is not None and not self.head_lr > 0:
             bad("head_lr", f"must be > 0 or null (the same as lr), got {self.head_lr}")
         if self.margin is not None and self.margin <= 0:
@@ -123,6 +129,8 @@ class TrainConfig:
             bad("global_k", "global_k, global_max_nodes and global_weight must be >= 0")
         if self.global_k > 0 and self.loss != "gloss":
             bad("global_k", "the global graph feeds G-Loss: use it with --loss gloss")
+        if not 0.0 <= self.pseudo_confidence <= 1.0:
+            bad("pseudo_confidence", f"must be in [0, 1], got {self.pseudo_confidence}")
         try:
             SigmaStrategy.parse(self.sigma)
         except ValueError as e:
@@ -143,6 +151,23 @@ class TrainConfig:
             return self.name
         corpus = self.benchmark or Path(self.train_file or self.hf_dataset or "corpus").stem
         return f"{corpus}-{self.loss}-seed{self.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def resolved(self) -> "TrainConfig":
+        """A copy whose local paths are absolute, resolved against the current directory.
+
+        Call it on the driver, where the user typed the command: Ray workers, Tune trials and jobs
+        run in other working directories, so a relative ``--storage runs`` would land there.
+        URIs (``s3://...``) and hub names are kept; ``model`` becomes absolute when it names an
+        existing local folder."""
+        def absolute(value):
+            if value is None or "://" in str(value):
+                return value
+            return os.path.abspath(os.path.expanduser(str(value)))
+
+        changes = {key: absolute(getattr(self, key)) for key in PATH_FIELDS}
+        if self.model and "://" not in self.model and Path(os.path.expanduser(self.model)).exists():
+            changes["model"] = absolute(self.model)
+        return dataclasses.replace(self, **changes, extra=dict(self.extra))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

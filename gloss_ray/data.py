@@ -39,19 +39,12 @@ log = logging.getLogger(__name__)
 BENCHMARKS = ("mr", "r8", "r52", "ohsumed", "20ng")
 SPLITS = ("train", "validation", "test")
 
-DATA_ENV = "GLOSS_RAY_DATA"
 VALIDATION_FRACTION = 0.1  # share of train carved out when no validation split is given
 _HUB_VALIDATION_NAMES = ("validation", "val", "dev")
 _MAX_ROWS_LISTED = 5  # rows named in an error message
 
 
 # --------------------------------------------------------------------------- corpus
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
-    """The benchmark directory: ``data_dir``, else ``$GLOSS_RAY_DATA``, else ``./data`` (absolute)."""
-    chosen = data_dir or os.environ.get(DATA_ENV) or "data"
-    return Path(chosen).expanduser().resolve()
 
 
 @dataclass
@@ -281,16 +274,12 @@ def load_corpus(
         raw, files = _load_hub(hf_dataset, text_column, label_column)
     else:
         if benchmark is not None:
-            root = resolve_data_dir(data_dir)
             name = benchmark.lower()
             if name not in BENCHMARKS:
-                raise DataError(
-                    f"unknown benchmark '{benchmark}' (valid: {', '.join(BENCHMARKS)}; "
-                    f"data dir searched: {root})"
-                )
-            folder = root / name
-            if not folder.is_dir():
-                raise DataError(f"{folder}: benchmark directory not found; pass --data-dir or set {DATA_ENV}")
+                raise DataError(f"unknown benchmark '{benchmark}' (valid: {', '.join(BENCHMARKS)})")
+            from .download import find_or_download
+
+            folder = find_or_download(name, data_dir) / name  # data_dir, $GLOSS_RAY_DATA, ./data, cache; else download
             paths = {s: folder / f"{s}.parquet" for s in SPLITS}
             paths = {s: p for s, p in paths.items() if s == "train" or p.is_file()}
             text_column, label_column = "text", "label"
@@ -341,18 +330,22 @@ def tokenize_split(
     written to a temporary folder and renamed, so concurrent workers never read a partial one.
     """
     from datasets import Dataset, load_from_disk
+    from datasets.table import InMemoryTable
 
     texts = list(texts)
+    digest = _cache_key(tokenizer, max_length, key, texts)
     target = None
     if cache_dir is not None:
-        target = Path(cache_dir) / _cache_key(tokenizer, max_length, key, texts)
+        target = Path(cache_dir) / digest
         if target.is_dir():
             log.info("tokenisation cache hit: %s", target)
             return load_from_disk(str(target))
     encoded = tokenizer(texts, truncation=True, max_length=max_length, padding=False)
-    dataset = Dataset.from_dict(
-        {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-    )
+    # An explicit fingerprint (the cache key): without one, datasets hashes the whole table by
+    # pickling it, which costs time on large corpora (and, under Ray Train's logging, printed
+    # dill's bytecode trace into the run's log).
+    table = InMemoryTable.from_pydict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
+    dataset = Dataset(table, fingerprint=digest[:32])
     if target is None:
         return dataset
     tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
@@ -410,11 +403,13 @@ class GlobalBatchSampler:
     ``order[j % C]``, ``order`` being a fresh seeded permutation of the classes per batch.
     Guarantees, for a global batch of ``B`` positions:
 
-    * every class gets ``B // C`` or ``B // C + 1`` positions (so >= 2 each when ``B >= 2*C``);
+    * every class gets ``B // C`` or ``B // C + 1`` positions (so >= 2 each when ``B >= 2*C``),
+      or all its members when it has fewer;
     * any contiguous run of ``w`` positions - in particular each rank's slice - holds every class
       ``w // C`` or ``w // C + 1`` times (round robin), so per-worker graphs are balanced too;
-    * a class's members within one batch are distinct whenever the class has at least as many
-      examples as positions; each class is drawn from its own reshuffled cycle, so small classes
+    * no document appears twice in a batch: a class with fewer members than its share of
+      positions contributes each member once and its spare positions go to the other classes
+      (round robin over those); each class is drawn from its own reshuffled cycle, so small classes
       are repeated across batches (oversampled) and large ones are partly skipped in an epoch.
 
     An epoch has as many global batches as in the unbalanced case.
@@ -493,11 +488,24 @@ class GlobalBatchSampler:
 
         batches = []
         for size in self._sizes():
-            order = rng.permutation(classes)
-            slots = [order[j % len(classes)] for j in range(size)]
+            slots = self._slots(rng.permutation(classes), size, {c: len(m) for c, m in members.items()})
             picks = {c: iter(take(c, k)) for c, k in Counter(slots).items()}
             batches.append(np.array([next(picks[c]) for c in slots], dtype=np.int64))
         return batches
+
+    @staticmethod
+    def _slots(order: np.ndarray, size: int, capacity: dict) -> list:
+        """Round robin over ``order`` for ``size`` positions, skipping a class once it has as many
+        positions as members: no document appears twice in a batch (a copy could be visible while
+        another is hidden in the G-Loss graph). With no class at capacity this is ``order[j % C]``."""
+        slots: list = []
+        used = Counter()
+        while len(slots) < size:
+            for c in order:
+                if len(slots) < size and used[c] < capacity[c]:
+                    slots.append(c)
+                    used[c] += 1
+        return slots
 
     def __iter__(self) -> Iterator[list[int]]:
         lo = self.rank * self.per_worker_batch

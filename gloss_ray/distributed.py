@@ -53,6 +53,15 @@ def all_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def all_sum_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over all ranks (a new tensor, no gradient; ``t`` itself on one process)."""
+    if not is_dist():
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
 def broadcast_value(value: float, device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     if is_dist():

@@ -1,4 +1,9 @@
-"""Classify or embed a file of texts with a saved gloss-ray model (``gloss-ray predict`` / ``embed``)."""
+"""Classify or embed a file of texts with a saved gloss-ray model (``gloss-ray predict`` / ``embed``).
+
+The numbers are those of the saved folder loaded by the ecosystem: ``predict``'s labels and
+confidences are ``AutoModelForSequenceClassification`` / ``pipeline("text-classification")``'s
+softmax, ``embed``'s vectors ``SentenceTransformer(model_dir).encode``'s (see ``gloss_ray.model``).
+``max_length=None`` truncates where the model was trained (and where sentence-transformers does)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +13,7 @@ import pandas as pd
 import torch
 
 from .errors import DataError
-from .model import TextClassifier
+from .model import DEFAULT_MAX_LENGTH, TextClassifier
 
 
 def read_texts(path: str, text_column: str = "text") -> list[str]:
@@ -32,11 +37,12 @@ def read_texts(path: str, text_column: str = "text") -> list[str]:
 
 
 @torch.no_grad()
-def _run(model_dir: str, texts: list[str], batch_size: int, max_length: int):
+def _run(model_dir: str, texts: list[str], batch_size: int, max_length: int | None):
     from transformers import AutoTokenizer
 
     model = TextClassifier.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
+    max_length = max_length or model.meta.get("max_length") or DEFAULT_MAX_LENGTH
     logits, embs = [], []
     for i in range(0, len(texts), batch_size):
         b = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
@@ -46,7 +52,7 @@ def _run(model_dir: str, texts: list[str], batch_size: int, max_length: int):
     return model, torch.cat(logits), torch.cat(embs)
 
 
-def predict_file(model_dir, input_path, output=None, text_column="text", batch_size=64, max_length=128) -> Path:
+def predict_file(model_dir, input_path, output=None, text_column="text", batch_size=64, max_length=None) -> Path:
     texts = read_texts(input_path, text_column)
     model, logits, _ = _run(model_dir, texts, batch_size, max_length)
     prob = logits.softmax(1)
@@ -58,7 +64,7 @@ def predict_file(model_dir, input_path, output=None, text_column="text", batch_s
     return out
 
 
-def embed_file(model_dir, input_path, output=None, text_column="text", batch_size=64, max_length=128) -> Path:
+def embed_file(model_dir, input_path, output=None, text_column="text", batch_size=64, max_length=None) -> Path:
     texts = read_texts(input_path, text_column)
     _, _, emb = _run(model_dir, texts, batch_size, max_length)
     out = Path(output or Path(input_path).with_suffix(".embeddings.npy"))

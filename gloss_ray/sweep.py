@@ -116,7 +116,7 @@ def base_configs(args, benchmarks: list[str], losses: list[str]) -> dict[tuple, 
     without it run without the global graph (so ``ce,gloss,gloss+global`` compares the three).
     ``@F`` sets ``label_fraction``. Bad options, a missing benchmark or model fail here, in one
     line, before any run starts."""
-    from .data import resolve_data_dir
+    from .download import find_or_download
     from .trainer import preflight
 
     overrides = {"workers": args.workers, **({"gpu": True} if args.gpu else {}), **parse_sets(args.set)}
@@ -132,8 +132,8 @@ def base_configs(args, benchmarks: list[str], losses: list[str]) -> dict[tuple, 
                 d["global_k"] = (d["global_k"] or GLOBAL_K_DEFAULT) if glob else 0
             if frac is not None:
                 d["label_fraction"] = frac
-            cfg = TrainConfig.from_dict(d, source=f"--losses {spec}")
-            cfg.data_dir = str(resolve_data_dir(cfg.data_dir))
+            cfg = TrainConfig.from_dict(d, source=f"--losses {spec}").resolved()
+            cfg.data_dir = str(find_or_download(b, cfg.data_dir))
             if spec == losses[0]:
                 preflight(cfg)
             bases[(b, spec)] = cfg.to_dict()
@@ -523,7 +523,8 @@ def run_many(jobs: list[tuple[str, TrainConfig]], concurrency: int, keep_checkpo
 
 
 def default_concurrency(args, base: dict) -> int:
-    """Runs at a time: ``--concurrency``, else as many as the cluster's GPUs (with --gpu) or CPUs hold."""
+    """Runs at a time: ``--concurrency``, else as many as the cluster's GPUs (with --gpu) or CPUs hold
+    (one when ``cpus_per_worker`` is automatic: a CPU run then takes the whole machine)."""
     import ray
 
     if getattr(args, "concurrency", None):
@@ -531,7 +532,18 @@ def default_concurrency(args, base: dict) -> int:
     res = ray.cluster_resources()
     if base["gpu"]:
         return max(1, int(res.get("GPU", 0) // base["workers"]))
+    if base["cpus_per_worker"] is None:
+        return 1
     return max(1, int(res.get("CPU", 1) // (base["workers"] * base["cpus_per_worker"])))
+
+
+def fill_cpus(bases: dict, concurrency: int) -> None:
+    """Automatic ``cpus_per_worker`` of CPU runs: the machine's CPUs shared by ``concurrency`` runs."""
+    from .trainer import auto_cpus_per_worker
+
+    for base in bases.values():
+        if base["cpus_per_worker"] is None and not base["gpu"]:
+            base["cpus_per_worker"] = auto_cpus_per_worker(base["workers"], concurrency)
 
 
 def _report(sweep_dir: str) -> None:
@@ -576,6 +588,7 @@ def main(args) -> int:
     log(f"to resume after an interruption, run the same command with --name {name} --storage {args.storage}")
     init_ray()
     concurrency = default_concurrency(args, next(iter(bases.values())))
+    fill_cpus(bases, concurrency)
     registry = start_registry(sweep_dir) if space is not None else None  # noqa: F841 (lives while we run)
 
     stage = "final" if space is not None else "bench"

@@ -106,10 +106,38 @@ class Batches:
     eval_sets: dict  # split -> (dataset, labels ndarray)
 
 
+def quiet_libraries() -> None:
+    """The one place where library output a user cannot act on is turned down, in the worker:
+    transformers' per-load progress bars ("Loading weights", "Writing model shards"), and FAISS's
+    loader, which logs at INFO which CPU instruction set it picked (Ray Train workers log INFO)."""
+    import importlib.util
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    # Ray Train 2.60 logs "Reporting training result N: TrainingReport(...)" (a whole metrics
+    # dict per epoch) through a logger named by its *file path*, so LoggingConfig(log_level=...)
+    # misses it; turn that one logger down.
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def seed_rank_streams(seed: int, rank: int) -> None:
+    """Seed this rank's own random streams (dropout) after the model is built: rank 0 keeps
+    ``seed``, so a 1-worker run is unchanged; other ranks get their own, so same-shaped batches do
+    not get identical dropout masks on every rank. The G-Loss mask, the batch order and the
+    label subset come from explicit seeds shared by all ranks and are not affected."""
+    if rank > 0:
+        torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
 
 
 def _dataset(corpus, split, tokenizer, cfg):
@@ -152,17 +180,21 @@ def step_objective(ce_fn, aux_fn, logits, emb, y, lam: float, *, sigma_scale: fl
                    batch_index=None, global_graph=None, global_weight: float = 1.0):
     """The loss of one step: ``(Objective for logging, loss to backpropagate)``.
 
-    CE is the local batch mean. The auxiliary loss sees the GLOBAL batch (all workers' embeddings and
-    labels, in rank order, gradient flowing to the local part); the G-Loss mask comes from
-    ``mask_seed`` so every rank (and a 1-worker run of the same global batch) draws the same one.
-    The auxiliary term is the same value on every rank but only the local slice has a gradient, so
-    it is scaled by the world size for backward: DDP's gradient average then equals the gradient of
-    the single-process objective on the global batch. With a ``global_graph`` the global batch's
-    nearest corpus documents join G-Loss's graph as extra labelled nodes (and the bank takes the
-    batch's fresh embeddings).
+    Both terms are the single-process objective of the GLOBAL batch. CE: the class-weighted sum of
+    the local batch over the weight sum of the global batch (summed over workers), so with class
+    weights too the workers' parts add up to the global weighted mean. The auxiliary loss sees the
+    global batch itself (all workers' embeddings and labels, in rank order, gradient flowing to the
+    local part); the G-Loss mask comes from ``mask_seed`` so every rank (and a 1-worker run of the
+    same global batch) draws the same one. Each rank's backward term is scaled by the world size:
+    DDP's gradient average then equals the gradient of the single-process objective on the global
+    batch. With a ``global_graph`` the global batch's nearest corpus documents join G-Loss's graph
+    as extra labelled nodes (and the bank takes the batch's fresh embeddings).
     """
     _, world = D.rank_and_world()
-    ce = ce_fn(logits.float(), y)
+    ce_sum, ce_weight = ce_fn.terms(logits.float(), y)
+    totals = D.all_sum_tensor(torch.stack([ce_sum.detach(), ce_weight.detach()]))
+    ce = totals[0] / totals[1]                       # the global batch's weighted mean (logged)
+    ce_local = ce_sum / totals[1]                    # this worker's share of it (backpropagated)
     aux = torch.zeros((), device=logits.device)
     if aux_fn is not None and lam > 0:
         g_emb, g_y = D.gather_with_grad(emb.float()), D.gather_with_grad(y)
@@ -179,7 +211,7 @@ def step_objective(ce_fn, aux_fn, logits, emb, y, lam: float, *, sigma_scale: fl
         else:
             aux = aux_fn(g_emb, g_y)
     obj = combined_objective(ce, aux, lam)
-    return obj, (1 - lam) * ce + lam * world * aux
+    return obj, world * ((1 - lam) * ce_local + lam * aux)
 
 
 @torch.no_grad()
@@ -261,6 +293,7 @@ def train(cfg: TrainConfig, session) -> dict:
     import datasets
 
     datasets.disable_progress_bars()
+    quiet_libraries()
     rank, world = D.rank_and_world()
     device = session.device()
     _seed_all(cfg.seed)
@@ -293,10 +326,12 @@ def train(cfg: TrainConfig, session) -> dict:
     total_steps = steps_per_epoch * cfg.epochs
     log(f"[gloss-ray] {corpus.name}: {len(train_ds)} train / "
         + " / ".join(f"{len(v)} {k}" for k, v in eval_sets.items())
-        + f" docs, {C} classes; {world} worker(s) x batch {cfg.batch_size}; {steps_per_epoch} steps/epoch; device {device}")
+        + f" docs, {C} classes; {world} worker(s) x batch {cfg.batch_size}; {steps_per_epoch} steps/epoch; device {device}"
+        + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""))
 
     model = TextClassifier.from_encoder(cfg.model, C, cfg.pooling, cfg.dropout)
     model = session.prepare_model(model)
+    seed_rank_streams(cfg.seed, rank)
     cw = balanced_class_weights(train_labels, C) if cfg.class_weights == "balanced" else None
     ce_fn = WeightedCrossEntropy(cw).to(device)
     aux_fn = build_aux_loss(cfg, C, cw)
@@ -307,7 +342,8 @@ def train(cfg: TrainConfig, session) -> dict:
         from .graph.global_graph import GlobalGraph
 
         graph = GlobalGraph(len(full_train_ds), unwrap(model).encoder.config.hidden_size, known_labels,
-                            true_train_labels, C, cfg.global_k, cfg.global_max_nodes, cfg.index, device, seed=cfg.seed)
+                            true_train_labels, C, cfg.global_k, cfg.global_max_nodes, cfg.index, device,
+                            pseudo_confidence=cfg.pseudo_confidence, seed=cfg.seed)
     lam_s = Schedule.parse(cfg.lam_schedule, default_value=cfg.lam)
     sigma_s = Schedule.parse(cfg.sigma_schedule, default_value=1.0)
     k_s = Schedule.parse(cfg.k_schedule, default_value=float(cfg.k or 16)) if cfg.k_schedule else None
@@ -386,8 +422,8 @@ def train(cfg: TrainConfig, session) -> dict:
                     log(f"[gloss-ray] non-finite gradient at step {step}: skipped on all workers")
                 else:
                     optimizer.step()
+                    scheduler.step()          # a skipped step does not advance the schedule either
                     sums += [obj.total.item(), obj.ce.item(), obj.aux.item(), 1]
-            scheduler.step()
             state["global_step"] += 1
         tot = D.all_sum(sums.tolist(), device)
         n = max(tot[3], 1)
@@ -433,6 +469,7 @@ def train(cfg: TrainConfig, session) -> dict:
     final = {"benchmark": corpus.name, "loss": cfg.loss, "seed": cfg.seed, "best_epoch": state["best_epoch"],
              "best_val_macro_f1": state["best_val_macro_f1"], "epochs_run": state["epoch"],
              "skipped_steps": state["skipped_steps"], "num_workers": world, "device": device.type,
+             "cpu_threads": torch.get_num_threads(),
              "global_graph": cfg.global_k > 0, "label_fraction": cfg.label_fraction,
              "num_classes": C, "train_docs": len(train_ds)}
     test_emb = test_labels = None
@@ -456,6 +493,7 @@ def write_outputs(cfg, run_dir, final, history, model, tokenizer, label_names, t
     import csv
 
     from . import plots
+    from .model_card import write_model_card
     from .storage import staged_output
 
     final = {**final, "config": cfg.to_dict(), "stage": cfg.extra.get("stage", "final")}
@@ -470,5 +508,8 @@ def write_outputs(cfg, run_dir, final, history, model, tokenizer, label_names, t
         plots.training_curves(history, out / "plots", title)
         if test_emb is not None:
             plots.embedding_map(test_emb, test_labels, label_names, out / "plots", f"test embeddings: {title}")
+        # a transformers classifier + a sentence-transformers model + its card (see gloss_ray.model)
         unwrap(model).save_pretrained(out / "model", tokenizer, label_names,
-                                      {"best_epoch": final["best_epoch"], "loss": cfg.loss, "benchmark": final["benchmark"]})
+                                      {"best_epoch": final["best_epoch"], "loss": cfg.loss, "benchmark": final["benchmark"]},
+                                      max_length=cfg.max_length)
+        write_model_card(out / "model", cfg, final, label_names)

@@ -14,10 +14,21 @@ from .storage import exists, join, read_json
 def init_ray(**kwargs) -> None:
     """Connect to the running cluster (``RAY_ADDRESS``, ``ray job submit``, ``ray start``) or start a
     local Ray instance when there is none."""
+    import logging
+
     import ray
 
     if not ray.is_initialized():
-        ray.init(**kwargs)
+        # A new local instance logs that token authentication is on by default and how to opt out
+        # (plus, once, where it saved the token): the default is the safe one and needs no action
+        # from the user, so that logger is quiet while Ray starts. Ray's other messages are kept.
+        auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        level = auth.level
+        auth.setLevel(logging.ERROR)
+        try:
+            ray.init(**kwargs)
+        finally:
+            auth.setLevel(level)
 
 
 def storage_root(storage: str) -> str:
@@ -35,32 +46,50 @@ def preflight(cfg: TrainConfig) -> None:
                 hf_dataset=cfg.hf_dataset, max_samples={"train": 2, "validation": 2, "test": 2})
 
 
+def auto_cpus_per_worker(workers: int, runs_at_once: int = 1) -> float:
+    """CPUs for each Train worker of a CPU run: the CPUs of the largest node (all the cluster's on
+    one machine), shared by the run's workers and by the runs that go at once; at least 1."""
+    import ray
+
+    per_node = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    cpus = min(max(per_node, default=1), ray.cluster_resources().get("CPU", 1) / max(1, runs_at_once))
+    return float(max(1, int(cpus // workers)))
+
+
 def _worker(config: dict) -> None:
+    import torch
+
     from .train_loop import RaySession, train
 
     cfg = TrainConfig.from_dict(config)
-    train(cfg, RaySession(join(storage_root(cfg.storage), cfg.name)))
+    # PyTorch's intra-op threads = the CPUs this worker reserved (Ray's OMP_NUM_THREADS default is
+    # the reservation rounded down, 1 for fractions; set it explicitly either way).
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker or 1)))
+    train(cfg, RaySession(join(cfg.storage, cfg.name)))
 
 
 def fit(cfg: TrainConfig, callbacks: list | None = None) -> dict:
     """Run (or resume) one fine-tuning job on Ray Train; returns the run's ``metrics.json``.
+    ``cfg`` is not changed: paths are resolved, the name and CPUs chosen, on a copy.
 
     ``callbacks`` go to ``RunConfig(callbacks=...)`` (e.g. Ray Tune's ``TuneReportCallback`` when a
     Tune trial launches this trainer, so per-epoch metrics reach the scheduler)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    cfg = cfg.resolved()             # paths as the user meant them: workers run in other folders
+    if cfg.benchmark:
+        from .download import find_or_download
+
+        # found (or downloaded) once, here; pinned: workers may not share the driver's env
+        cfg.data_dir = str(find_or_download(cfg.benchmark, cfg.data_dir))
     preflight(cfg)
     cfg.name = cfg.run_name
-    root = storage_root(cfg.storage)
+    root = cfg.storage
     run_dir = join(root, cfg.name)
-    data_dir = cfg.data_dir
-    if data_dir is None and cfg.benchmark:
-        from .data import resolve_data_dir
-
-        data_dir = str(resolve_data_dir(None))  # pin it: workers may not share the driver's env
-    cfg.data_dir = data_dir
     init_ray()
+    if cfg.cpus_per_worker is None:
+        cfg.cpus_per_worker = 1.0 if cfg.gpu else auto_cpus_per_worker(cfg.workers)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.gpu else {})}
     trainer = TorchTrainer(
         _worker,
@@ -71,12 +100,16 @@ def fit(cfg: TrainConfig, callbacks: list | None = None) -> dict:
             storage_path=root,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Train's own per-step INFO lines (resources, process group, "Reporting training result
+            # ...") stay in its log files; the console gets its warnings and gloss-ray's lines.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=callbacks,
         ),
     )
-    msg = f"[gloss-ray] run {cfg.name}: {cfg.workers} worker(s){' on GPU' if cfg.gpu else ''}, outputs -> {run_dir}"
+    msg = (f"[gloss-ray] run {cfg.name}: {cfg.workers} worker(s){' on GPU' if cfg.gpu else ''} x "
+           f"{cfg.cpus_per_worker:g} CPU, outputs -> {run_dir}")
     if not cfg.extra.get("stage"):      # a sweep's runs resume with the sweep's command, which says so itself
-        msg += f"\n[gloss-ray] to resume after an interruption, run the same command with --name {cfg.name} --storage {cfg.storage}"
+        msg += f"\n[gloss-ray] to resume after an interruption, run the same command with --name {cfg.name}"
     print(msg, flush=True)
     try:
         trainer.fit()

@@ -17,7 +17,6 @@ from gloss_ray.data import (
     PadCollator,
     balanced_class_weights,
     load_corpus,
-    resolve_data_dir,
     shard_indices,
     tokenize_split,
 )
@@ -88,23 +87,18 @@ def test_unknown_benchmark_lists_valid_names(data_dir):
     with pytest.raises(DataError) as err:
         load_corpus("imdb", data_dir=data_dir)
     assert "'imdb'" in str(err.value) and ", ".join(BENCHMARKS) in str(err.value)
-    assert str(data_dir.resolve()) in str(err.value)
 
 
-def test_missing_benchmark_dir_names_path_and_remedy(tmp_path):
-    with pytest.raises(DataError) as err:
-        load_corpus("mr", data_dir=tmp_path)
-    assert str(tmp_path / "mr") in str(err.value)
-    assert "--data-dir" in str(err.value) and "GLOSS_RAY_DATA" in str(err.value)
-
-
-def test_resolve_data_dir_precedence(tmp_path, monkeypatch):
-    monkeypatch.setenv("GLOSS_RAY_DATA", str(tmp_path / "env"))
-    assert resolve_data_dir(str(tmp_path / "arg")) == tmp_path / "arg"
-    assert resolve_data_dir(None) == tmp_path / "env"
-    monkeypatch.delenv("GLOSS_RAY_DATA")
+def test_missing_benchmark_offline_names_the_url_and_the_remedy(tmp_path, monkeypatch):
+    monkeypatch.delenv("GLOSS_RAY_DATA", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert resolve_data_dir(None) == tmp_path / "data"
+    monkeypatch.setenv("GLOSS_RAY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GLOSS_RAY_DATA_MIRROR", "http://127.0.0.1:9/")   # nothing listens there
+    with pytest.raises(DataError) as err:
+        load_corpus("mr", data_dir=tmp_path / "mine")
+    msg = str(err.value)
+    assert "http://127.0.0.1:9/" in msg and "GLOSS_RAY_DATA" in msg and "--data-dir" in msg
+    assert "\n" not in msg and not (tmp_path / "mine" / "mr").exists()
 
 
 # --------------------------------------------------------------------------- user files
@@ -286,7 +280,7 @@ def test_global_batch_sampler_deterministic_and_reshuffled_per_epoch():
 
 
 def test_balanced_sampler_gives_every_class_several_members():
-    labels = np.array([0] * 500 + [1] * 60 + [2] * 9 + [3] * 2)
+    labels = np.array([0] * 500 + [1] * 60 + [2] * 9 + [3] * 5)
     classes, per_worker = 4, 8
     samplers = [GlobalBatchSampler(labels, per_worker, world_size=2, rank=r, balanced=True) for r in (0, 1)]
     global_size = 2 * per_worker  # 16 >= 2 * 4 classes
@@ -299,6 +293,23 @@ def test_balanced_sampler_gives_every_class_several_members():
         for c in range(classes):  # distinct members up to the class size
             members = {i for i in whole if labels[i] == c}
             assert len(members) == min(int((labels == c).sum()), global_size // classes)
+
+
+def test_balanced_sampler_never_puts_a_document_twice_in_a_batch():
+    """A class smaller than its share of slots gives each member once; its spare slots go to the
+    other classes (R8's class sizes in a 200-label slice: 8 classes, two with fewer than 4)."""
+    sizes = [58, 9, 104, 2, 7, 7, 3, 10]
+    labels = np.repeat(np.arange(8), sizes)
+    one = GlobalBatchSampler(labels, 32, seed=3, balanced=True)
+    ranks = [GlobalBatchSampler(labels, 16, world_size=2, rank=r, seed=3, balanced=True) for r in (0, 1)]
+    for epoch in (0, 1, 2):
+        for s in (one, *ranks):
+            s.set_epoch(epoch)
+        for batch, r0, r1 in zip(one, *ranks, strict=True):
+            assert len(batch) == len(set(batch)) == 32
+            assert r0 + r1 == batch
+            counts = Counter(labels[batch].tolist())
+            assert all(counts[c] >= min(sizes[c], 4) for c in range(8))
 
 
 def test_sampler_rejects_dataset_smaller_than_global_batch():

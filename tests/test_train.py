@@ -18,13 +18,18 @@ from gloss_ray.train_loop import step_objective
 pytestmark = pytest.mark.ray
 
 N, DIM, C = 128, 12, 4
+AUX = ("gloss", "scl", "triplet", "contrastive", "none")
+WEIGHTS = torch.tensor([0.4, 1.5, 3.0, 6.0])   # class weights, e.g. "balanced" on imbalanced data
 
 
 def _fixed_problem():
+    """Imbalanced labels, split unevenly between the two halves: the first 64 are mostly class 0,
+    the second mostly classes 1-3, so each worker's slice has other class proportions."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, 8, generator=g, dtype=torch.float64)
-    y = torch.arange(N) % C
-    return x, y
+    first = torch.tensor([0] * 50 + [1] * 8 + [2] * 4 + [3] * 2)
+    second = torch.tensor([0] * 14 + [1] * 26 + [2] * 16 + [3] * 8)
+    return x, torch.cat([first, second[torch.randperm(64, generator=g)]])
 
 
 def _net():
@@ -32,11 +37,17 @@ def _net():
     return torch.nn.Linear(8, DIM).double()
 
 
-def _step(net, x, y):
+def _aux(name):
+    from gloss_ray.losses import BatchAllTripletLoss, ContrastiveLoss, SupConLoss
+
+    return {"gloss": GLoss(C, sigma=0.6, gamma=0.7, class_weights=WEIGHTS), "scl": SupConLoss(0.1),
+            "triplet": BatchAllTripletLoss(1.0), "contrastive": ContrastiveLoss(1.0), "none": None}[name]
+
+
+def _step(net, x, y, aux):
     emb = net(x)
     logits = emb[:, :C]
-    gl = GLoss(C, sigma=0.6, gamma=0.7, class_weights=torch.tensor([1.0, 2.0, 0.5, 1.5]))
-    return step_objective(WeightedCrossEntropy(), gl, logits, emb, y, lam=0.6, mask_seed=1234)
+    return step_objective(WeightedCrossEntropy(WEIGHTS), _aux(aux), logits, emb, y, lam=0.6, mask_seed=1234)
 
 
 def _ddp_worker(config):
@@ -44,38 +55,63 @@ def _ddp_worker(config):
     import ray.train.torch
     import torch.distributed as dist
 
+    from gloss_ray.train_loop import seed_rank_streams
+
     rank, world = dist.get_rank(), dist.get_world_size()
-    net = _net()
-    model = ray.train.torch.prepare_model(net)
-    x, y = _fixed_problem()
-    per = N // world
-    sl = slice(rank * per, (rank + 1) * per)
-    obj, backward_loss = _step(model, x[sl], y[sl])
-    backward_loss.backward()
-    Path(config["out"], f"rank{rank}.json").write_text(json.dumps({
-        "aux": obj.aux.item(), "ce": obj.ce.item(),
-        "grad_w": net.weight.grad.tolist(), "grad_b": net.bias.grad.tolist()}))
+    out = {}
+    for aux in AUX:
+        net = _net()
+        model = ray.train.torch.prepare_model(net)
+        x, y = _fixed_problem()
+        per = N // world
+        sl = slice(rank * per, (rank + 1) * per)
+        obj, backward_loss = _step(model, x[sl], y[sl], aux)
+        backward_loss.backward()
+        out[aux] = {"aux": obj.aux.item(), "ce": obj.ce.item(), "total": obj.total.item(),
+                    "grad_w": net.weight.grad.tolist(), "grad_b": net.bias.grad.tolist()}
+    torch.manual_seed(0)                      # what train() does first on every rank ...
+    seed_rank_streams(0, rank)                # ... then each rank's own dropout stream
+    out["dropout_mask"] = (torch.nn.functional.dropout(torch.ones(256), 0.5) > 0).tolist()
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(out))
 
 
 def test_two_workers_of_64_equal_one_process_of_128(ray_local):
-    """G-Loss on the all-gathered global batch: same value and same (DDP-averaged) gradient."""
+    """Every loss (CE with class weights, plus G-Loss / SCL / triplet / contrastive on the
+    all-gathered global batch): same value and same DDP-averaged gradient as one process, with
+    imbalanced labels split unevenly between the workers."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    net = _net()
-    x, y = _fixed_problem()
-    obj, loss = _step(net, x, y)
-    loss.backward()
     with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as storage:
         TorchTrainer(_ddp_worker, train_loop_config={"out": out}, scaling_config=ScalingConfig(num_workers=2),
                      run_config=RunConfig(storage_path=storage, name="ddp_equiv")).fit()
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in (0, 1)]
-    for r in ranks:
-        assert r["aux"] == pytest.approx(obj.aux.item(), rel=1e-6)
-        np.testing.assert_allclose(r["grad_w"], net.weight.grad.numpy(), rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(r["grad_b"], net.bias.grad.numpy(), rtol=1e-5, atol=1e-7)
-    # the two halves' CE means average to the global CE (equal halves, unweighted CE)
-    assert (ranks[0]["ce"] + ranks[1]["ce"]) / 2 == pytest.approx(obj.ce.item(), rel=1e-6)
+    x, y = _fixed_problem()
+    for aux in AUX:
+        net = _net()
+        obj, loss = _step(net, x, y, aux)
+        loss.backward()
+        for r in ranks:
+            got = r[aux]
+            for key in ("aux", "ce", "total"):
+                assert got[key] == pytest.approx(getattr(obj, key).item(), rel=1e-5), (aux, key)
+            np.testing.assert_allclose(got["grad_w"], net.weight.grad.numpy(), rtol=1e-5, atol=1e-9, err_msg=aux)
+            np.testing.assert_allclose(got["grad_b"], net.bias.grad.numpy(), rtol=1e-5, atol=1e-9, err_msg=aux)
+    # the two ranks draw different dropout masks (the G-Loss mask above is shared: same values)
+    assert ranks[0]["dropout_mask"] != ranks[1]["dropout_mask"]
+
+
+def test_rank_zero_keeps_the_run_seed_for_dropout():
+    from gloss_ray.train_loop import seed_rank_streams
+
+    masks = []
+    for rank in (0, 0, 1, 2):
+        torch.manual_seed(5)
+        seed_rank_streams(5, rank)
+        masks.append(torch.nn.functional.dropout(torch.ones(128), 0.5).tolist())
+    torch.manual_seed(5)
+    assert masks[0] == masks[1] == torch.nn.functional.dropout(torch.ones(128), 0.5).tolist()
+    assert masks[0] != masks[2] != masks[3] != masks[0]
 
 
 def test_train_cli_two_workers_real_minilm(ray_local, data_dir, tmp_path, capsys):
@@ -94,9 +130,10 @@ def test_train_cli_two_workers_real_minilm(ray_local, data_dir, tmp_path, capsys
     assert (run / "plots" / "training_curves.png").stat().st_size > 1000
     assert (run / "plots" / "embedding_map.png").stat().st_size > 1000
     # the saved model reloads in Hugging Face format and classifies a file of texts
-    from transformers import AutoModel
+    from transformers import AutoModelForSequenceClassification
 
-    assert AutoModel.from_pretrained(run / "model").config.hidden_size == 384
+    hf = AutoModelForSequenceClassification.from_pretrained(run / "model")
+    assert hf.config.hidden_size == 384 and hf.config.id2label == {0: "negative", 1: "positive"}
     texts = tmp_path / "texts.txt"
     texts.write_text("a wonderful , moving film\nboring and far too long\n")
     assert cli.main(["predict", "--model-dir", str(run / "model"), "--input", str(texts),

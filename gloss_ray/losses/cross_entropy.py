@@ -11,6 +11,7 @@ class WeightedCrossEntropy(nn.Module):
 
     Inputs: ``logits`` (n x C), ``labels`` (n integer ids).
     Hyper-parameters: ``class_weights`` (C weights, e.g. :func:`balanced_class_weights`), ``label_smoothing``.
+    :meth:`terms` gives numerator and denominator apart, for a weighted mean over several workers.
 
     Example:
         >>> import torch
@@ -24,8 +25,18 @@ class WeightedCrossEntropy(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        total, weight = self.terms(logits, labels)
+        return total / weight
+
+    def terms(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sum_i w[y_i] * loss_i, sum_i w[y_i])``: the loss is their ratio. Split so that
+        data-parallel workers can sum both over the global batch before dividing (the mean of the
+        workers' weighted means is not the weighted mean of the global batch)."""
+        labels = labels.to(logits.device)
         w = None if self.class_weights is None else self.class_weights.to(logits.device, logits.dtype)
-        return F.cross_entropy(logits, labels.to(logits.device), weight=w, label_smoothing=self.label_smoothing)
+        total = F.cross_entropy(logits, labels, weight=w, label_smoothing=self.label_smoothing, reduction="sum")
+        weight = w[labels].sum() if w is not None else torch.tensor(float(len(labels)), device=logits.device, dtype=logits.dtype)
+        return total, weight
 
 
 def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
