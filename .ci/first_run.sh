@@ -16,6 +16,6 @@ echo "README's first command: $cmd"
 python3 -m venv --system-site-packages "$work/venv"
 . "$work/venv/bin/activate"
 SECONDS=0
-bash -c "$cmd"
+bash -c "$cmd" 2>&1 | tee "$work/run.log"
 echo "first command: ${SECONDS} s"
-python3 .ci/readme_command.py README.md --check-metrics --min-accuracy 0.75
+python3 .ci/readme_command.py README.md --check-metrics --min-accuracy 0.75 --log "$work/run.log"

@@ -28,8 +28,9 @@ from .errors import GlossRayError
 
 HELP = {
     "benchmark": "benchmark name: mr, r8, r52, ohsumed, 20ng (files under --data-dir/<name>/)",
-    "data_dir": "folder holding <benchmark>/{train,validation,test}.parquet (default $GLOSS_RAY_DATA, else ./data)",
-    "train_file": "training file (.csv, .jsonl or .parquet) instead of a benchmark",
+    "data_dir": "folder (or s3:// / gs:// URI) holding <benchmark>/{train,validation,test}.parquet (default: "
+                "$GLOSS_RAY_DATA, ./data, ~/.cache/gloss_ray/data; else downloaded there)",
+    "train_file": "training file (.csv, .jsonl or .parquet; a path or an s3:// / gs:// URI) instead of a benchmark",
     "hf_dataset": "a Hugging Face hub dataset name (needs internet)",
     "max_train": "use at most this many training documents (a stratified subset)",
     "max_eval": "use at most this many validation / test documents",

@@ -22,8 +22,9 @@ import os
 import shutil
 import uuid
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -33,6 +34,7 @@ import torch
 from .losses.cross_entropy import balanced_class_weights  # noqa: F401  (re-exported)
 
 from .errors import DataError
+from .storage import file_info, is_file, is_uri, join, object_fingerprint, open_input
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,9 @@ class Corpus:
         return len(self.label_names)
 
     def fingerprint(self, split: str) -> str:
-        """sha256 of the split's source file bytes (of ``hub id + split`` for hub data).
+        """sha256 of the split's source file bytes (of ``hub id + split`` for hub data; of the URI,
+        size and modification time for a file on object storage, see
+        :func:`~gloss_ray.storage.object_fingerprint`).
 
         Meant as part of a cache key. It identifies the *source*, not the rows kept from it
         (carve-out, ``max_samples``); :func:`tokenize_split` also hashes the texts themselves.
@@ -78,7 +82,9 @@ class Corpus:
         if split not in self._fingerprints:
             source = self.files[split]
             digest = hashlib.sha256()
-            if Path(source).is_file():
+            if is_uri(source):  # s3:// or gs://: uri, size and mtime, one metadata request (no download)
+                digest.update(object_fingerprint(source).encode())
+            elif Path(source).is_file():
                 with open(source, "rb") as fh:
                     for block in iter(lambda: fh.read(1 << 20), b""):
                         digest.update(block)
@@ -100,23 +106,37 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _read_file(path: Path) -> pd.DataFrame:
-    """Read a CSV / JSON lines / Parquet file chosen by suffix (CSV cells are read as strings)."""
-    if not path.is_file():
+def _read_file(path: str | Path) -> pd.DataFrame:
+    """Read a CSV / JSON lines / Parquet file chosen by suffix (CSV cells are read as strings).
+
+    ``path`` is a local path or an ``s3://`` / ``gs://`` URI, read through ``pyarrow.fs``
+    (:mod:`gloss_ray.storage`); a missing bucket or key is a :class:`DataError` naming the URI.
+    """
+    remote = is_uri(path)
+    if remote:
+        file_info(str(path))  # DataError: bucket or file not found, no access
+        suffix = PurePosixPath(str(path)).suffix
+    elif not Path(path).is_file():
         raise DataError(f"{path}: file not found")
-    suffix = path.suffix.lower()
+    else:
+        suffix = Path(path).suffix
+    kinds = {".csv": "CSV", ".jsonl": "JSON", ".json": "JSON", ".parquet": "Parquet"}
+    if suffix.lower() not in kinds:
+        raise DataError(f"{path}: unsupported file type '{suffix}' (use .csv, .jsonl, .json or .parquet)")
+    kind = kinds[suffix.lower()]
     try:
-        if suffix == ".csv":
-            # keep_default_na=False: a text "NA" stays a text; an empty cell is "" (caught below).
-            return pd.read_csv(path, dtype=str, keep_default_na=False)
-        if suffix in (".jsonl", ".json"):
-            return pd.read_json(path, lines=True, dtype=False, convert_dates=False)
-        if suffix == ".parquet":
-            return pd.read_parquet(path)
-    except (ValueError, OSError, UnicodeDecodeError) as exc:  # pandas/pyarrow parse errors
-        kind = {".csv": "CSV", ".parquet": "Parquet"}.get(suffix, "JSON lines (one object per line)")
+        with (open_input(str(path)) if remote else nullcontext(path)) as source:
+            if kind == "CSV":
+                # keep_default_na=False: a text "NA" stays a text; an empty cell is "" (caught below).
+                return pd.read_csv(source, dtype=str, keep_default_na=False)
+            if kind == "JSON":
+                return pd.read_json(source, lines=True, dtype=False, convert_dates=False)
+            return pd.read_parquet(source)
+    except DataError:
+        raise
+    except (ValueError, OSError, UnicodeDecodeError) as exc:  # pandas/pyarrow parse and read errors
+        kind = {"JSON": "JSON lines (one object per line)"}.get(kind, kind)
         raise DataError(f"{path}: cannot read as {kind}: {_one_line(exc)}") from exc
-    raise DataError(f"{path}: unsupported file type '{path.suffix}' (use .csv, .jsonl, .json or .parquet)")
 
 
 def _clean(frame: pd.DataFrame, source: str, text_column: str, label_column: str) -> pd.DataFrame:
@@ -279,15 +299,17 @@ def load_corpus(
                 raise DataError(f"unknown benchmark '{benchmark}' (valid: {', '.join(BENCHMARKS)})")
             from .download import find_or_download
 
-            folder = find_or_download(name, data_dir) / name  # data_dir, $GLOSS_RAY_DATA, ./data, cache; else download
-            paths = {s: folder / f"{s}.parquet" for s in SPLITS}
-            paths = {s: p for s, p in paths.items() if s == "train" or p.is_file()}
+            folder = join(str(find_or_download(name, data_dir)), name)  # data_dir (a URI as is), $GLOSS_RAY_DATA, ./data, cache; else download
+            paths = {s: join(folder, f"{s}.parquet") for s in SPLITS}
+            paths = {s: p for s, p in paths.items() if s == "train" or is_file(p)}
             text_column, label_column = "text", "label"
         else:
             paths = {"train": train_file, "validation": validation_file, "test": test_file}
-            paths = {s: Path(p).expanduser() for s, p in paths.items() if p is not None}
-            stem = paths["train"].stem
-            name = paths["train"].resolve().parent.name if stem in SPLITS else stem
+            # local paths as Path; s3:// / gs:// URIs stay strings (a Path would squash "//")
+            paths = {s: str(p) if is_uri(p) else Path(p).expanduser() for s, p in paths.items() if p is not None}
+            train = PurePosixPath(str(paths["train"]).split("://", 1)[-1]) if is_uri(paths["train"]) \
+                else paths["train"].resolve()
+            name = train.parent.name if train.stem in SPLITS else train.stem
         for split, path in paths.items():
             raw[split] = _clean(_read_file(path), str(path), text_column, label_column)
             files[split] = str(path)

@@ -111,15 +111,26 @@ def _has(root: Path, name: str) -> bool:
     return (root / name / "train.parquet").is_file()
 
 
-def find_or_download(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+def find_or_download(name: str, data_dir: str | os.PathLike | None = None) -> Path | str:
     """The root folder holding ``<name>/train.parquet``, downloading the benchmark if needed.
 
     Looks in ``data_dir`` (if given), then ``$GLOSS_RAY_DATA`` (if set), then ``./data`` (the
     earlier default), then the user cache (:func:`cache_dir`). If none has it, it is downloaded
     into ``data_dir`` when the caller named one (where the user asked for the data), else into
-    the user cache.
+    the user cache. A ``data_dir`` on object storage (``s3://``, ``gs://``) is returned as is (a
+    string) when it holds ``<name>/train.parquet``; nothing is downloaded into a bucket.
     """
+    from .storage import file_info, is_uri, join
+
     name = _check_names([name])[0]
+    if data_dir is not None and is_uri(data_dir):
+        train = join(str(data_dir), name, "train.parquet")
+        try:
+            file_info(train)
+        except DataError as exc:
+            raise DataError(f"{exc}; a data dir on object storage must hold {name}/{{train,validation,test}}"
+                            f".parquet (get them with `gloss-ray data download {name}`, then copy them there)") from None
+        return str(data_dir)
     env = os.environ.get(DATA_ENV)
     roots = [Path(p).expanduser().resolve() for p in (data_dir, env, "data") if p] + [cache_dir()]
     for root in roots:

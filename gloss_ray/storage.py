@@ -1,6 +1,15 @@
-"""Run outputs on local disk or object storage (anything ``pyarrow.fs`` understands: paths, s3://, gs://)."""
+"""Local paths and object storage (anything ``pyarrow.fs`` understands: paths, s3://, gs://).
+
+Run outputs (``--storage``) and input data (``--train-file``, ``--data-dir``, ...) both go through
+:func:`filesystem`, the one place that turns a path or URI into ``(pyarrow filesystem, path)``.
+Credentials and endpoints come from the usual environment of each library (for S3:
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL`` for
+an S3-compatible server; for GCS: application default credentials), on the driver and on every
+Ray worker alike.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -9,11 +18,23 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from .errors import DataError
 
-def _fs(uri: str):
-    if "://" not in uri:
+
+def is_uri(path: str | os.PathLike) -> bool:
+    """True for ``scheme://...`` (s3://, gs://, file://), False for a local path."""
+    return "://" in str(path)
+
+
+def filesystem(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path inside it)`` for a local path (made absolute, ``~`` expanded) or a URI."""
+    uri = str(uri)
+    if not is_uri(uri):
         uri = os.path.abspath(os.path.expanduser(uri))
     return pafs.FileSystem.from_uri(uri)
+
+
+_fs = filesystem  # the older private name
 
 
 def join(base: str, *parts: str) -> str:
@@ -60,3 +81,62 @@ def staged_output(dest: str):
     with tempfile.TemporaryDirectory(prefix="gloss_ray_out_") as tmp:
         yield Path(tmp)
         upload_dir(tmp, dest)
+
+
+def _bucket(uri: str) -> str | None:
+    """The bucket of an ``s3://`` or ``gs://`` URI (None for other paths)."""
+    scheme, _, rest = str(uri).partition("://")
+    return rest.split("/", 1)[0] if scheme in ("s3", "gs", "gcs") and rest else None
+
+
+def _info(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:
+    try:
+        return fs.get_file_info(path)
+    except (OSError, ValueError) as exc:  # no credentials, endpoint unreachable, access denied
+        raise DataError(f"{uri}: cannot access ({' '.join(str(exc).split())})") from exc
+
+
+def file_info(uri: str) -> pafs.FileInfo:
+    """Type, size and mtime of the *file* at ``uri``; :class:`DataError` naming ``uri`` when it is
+    missing (saying so when its bucket is), a folder, or cannot be reached."""
+    try:
+        fs, path = filesystem(uri)
+    except (OSError, ValueError) as exc:  # unknown scheme, bad URI
+        raise DataError(f"{uri}: cannot access ({' '.join(str(exc).split())})") from exc
+    info = _info(fs, path, uri)
+    if info.type == pafs.FileType.NotFound:
+        bucket = _bucket(uri)
+        if bucket and _info(fs, bucket, uri).type == pafs.FileType.NotFound:
+            raise DataError(f"{uri}: bucket '{bucket}' not found")
+        raise DataError(f"{uri}: file not found")
+    if info.type != pafs.FileType.File:
+        raise DataError(f"{uri}: is a folder, not a file")
+    return info
+
+
+def is_file(uri: str) -> bool:
+    """True when ``uri`` (a path or URI) names an existing file; False when it is missing."""
+    try:
+        file_info(uri)
+        return True
+    except DataError:
+        return False
+
+
+def open_input(uri: str):
+    """A seekable binary file (``pyarrow.NativeFile``) for reading the file at ``uri``."""
+    fs, path = filesystem(uri)
+    try:
+        return fs.open_input_file(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{uri}: cannot open ({' '.join(str(exc).split())})") from exc
+
+
+def object_fingerprint(uri: str) -> str:
+    """sha256 over ``uri``, size and modification time of an object: one metadata request,
+    no download. It changes whenever the object is rewritten (S3 and GCS set the time on every
+    upload), so it can key a cache; a rewrite within the same second keeping the exact size
+    would not change it (the tokenisation cache also hashes the texts, so it stays correct)."""
+    info = file_info(uri)
+    mtime = info.mtime_ns if info.mtime_ns is not None else ""
+    return hashlib.sha256(f"{uri}\n{info.size}\n{mtime}".encode()).hexdigest()

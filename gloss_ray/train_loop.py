@@ -108,8 +108,9 @@ class Batches:
 
 def quiet_libraries() -> None:
     """The one place where library output a user cannot act on is turned down, in the worker:
-    transformers' per-load progress bars ("Loading weights", "Writing model shards"), and FAISS's
-    loader, which logs at INFO which CPU instruction set it picked (Ray Train workers log INFO)."""
+    transformers' per-load progress bars ("Loading weights", "Writing model shards"), FAISS's
+    loader, which logs at INFO which CPU instruction set it picked (Ray Train workers log INFO),
+    and the two loggers below."""
     import importlib.util
     import logging
 
@@ -117,6 +118,8 @@ def quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    # sentence-transformers logs "Saving model to <temporary folder>" while the run's model is staged
+    logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
     # Ray Train 2.60 logs "Reporting training result N: TrainingReport(...)" (a whole metrics
     # dict per epoch) through a logger named by its *file path*, so LoggingConfig(log_level=...)
     # misses it; turn that one logger down.

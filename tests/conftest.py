@@ -45,3 +45,78 @@ def ray_local():
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
     yield ray
+
+
+# --------------------------------------------------------------------------- S3 on loopback (tests/test_s3.py)
+_MOTO: dict = {}
+
+
+def _start_moto_server() -> str:
+    """Start ``python -m moto.server`` (a real S3 API) on 127.0.0.1 at a free port, once per session,
+    and point every S3 client at it through the environment: ``AWS_ENDPOINT_URL`` (honoured by
+    pyarrow's ``FileSystem.from_uri``, hence by gloss-ray and Ray Train) and fake credentials.
+    Returns the endpoint URL."""
+    if "url" in _MOTO:
+        return _MOTO["url"]
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                log.seek(0)
+                tail = log.read().decode(errors="replace")[-2000:]
+                log.close()
+                raise RuntimeError(f"moto server did not start on port {port}: {tail}")
+            time.sleep(0.1)
+    url = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    _MOTO.update(url=url, proc=proc, log=log)
+    return url
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection
+def pytest_collection_modifyitems(config, items):
+    """Start the S3 server before the first test when a selected test uses ``moto_server``: its
+    endpoint must be in the environment before the shared Ray instance starts (``ray_local``), so
+    that Ray's workers inherit it. Sessions without such a test start nothing and set no variable.
+    A failure to start is reported by the tests that use it (``moto_server``), not by the session."""
+    if any("moto_server" in item.fixturenames for item in items):
+        try:
+            _start_moto_server()
+        except Exception as exc:  # noqa: BLE001 - e.g. moto[server] not installed
+            _MOTO["error"] = f"{type(exc).__name__}: {exc}"
+
+
+def pytest_unconfigure(config):
+    """Stop the S3 server, if this session started one."""
+    proc = _MOTO.get("proc")
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        proc.wait(timeout=30)
+    if "log" in _MOTO:
+        _MOTO["log"].close()
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> str:
+    """The endpoint URL of a moto S3 server on loopback (fake credentials, region us-east-1); the
+    environment already points pyarrow, gloss-ray and Ray's workers at it. Create buckets first."""
+    if "error" in _MOTO:
+        pytest.fail(f"no S3 server (install the test extra: pip install -e '.[test]'): {_MOTO['error']}")
+    return _start_moto_server()
