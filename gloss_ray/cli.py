@@ -49,6 +49,7 @@ HELP = {
     "pseudo_confidence": "global graph with --label-fraction < 1: an unlabelled neighbour joins with its pseudo-label "
                          "only if the label's share of its spread scores is at least this (0 = all)",
     "workers": "Ray Train workers (one per GPU with --gpu)",
+    "max_steps": "stop after this many optimiser steps in all, mid-epoch if need be (schedules end there)",
     "storage": "where runs are written: a folder or s3://... / gs://... (Ray storage_path)",
     "name": "run name; re-use it with the same --storage to resume",
     "batch_size": "documents per worker per step (global batch = batch_size x workers)",

@@ -64,6 +64,7 @@ class TrainConfig:
     pseudo_confidence: float = 0.0    # low-label setting: keep a pseudo-label only at this confidence or above
     # optimisation
     epochs: int = 3
+    max_steps: int | None = None      # stop after this many optimiser steps in all (None: epochs decide)
     batch_size: int = 32
     eval_batch_size: int = 64
     lr: float = 3e-5
@@ -114,6 +115,8 @@ class TrainConfig:
         for key in ("epochs", "batch_size", "eval_batch_size", "workers", "max_length", "refresh_every"):
             if int(getattr(self, key)) < 1:
                 bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            bad("max_steps", f"must be >= 1 or null, got {self.max_steps}")
         if self.batch_size * self.workers < 2:
             bad("batch_size", "the global batch (batch_size x workers) must hold at least 2 documents")
         for key in ("lr", "temperature"):

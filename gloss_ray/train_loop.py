@@ -327,6 +327,8 @@ def train(cfg: TrainConfig, session) -> dict:
     train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
     steps_per_epoch = len(sampler)
     total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:                 # a bounded run (e.g. on a large corpus): the schedules end there
+        total_steps = min(total_steps, cfg.max_steps)
     log(f"[gloss-ray] {corpus.name}: {len(train_ds)} train / "
         + " / ".join(f"{len(v)} {k}" for k, v in eval_sets.items())
         + f" docs, {C} classes; {world} worker(s) x batch {cfg.batch_size}; {steps_per_epoch} steps/epoch; device {device}"
@@ -428,6 +430,8 @@ def train(cfg: TrainConfig, session) -> dict:
                     scheduler.step()          # a skipped step does not advance the schedule either
                     sums += [obj.total.item(), obj.ce.item(), obj.aux.item(), 1]
             state["global_step"] += 1
+            if state["global_step"] >= total_steps:
+                break
         tot = D.all_sum(sums.tolist(), device)
         n = max(tot[3], 1)
         val, _, _ = evaluate(model, val_ds, val_labels, cfg, collate, device)
@@ -465,6 +469,9 @@ def train(cfg: TrainConfig, session) -> dict:
                 raise RuntimeError(f"{FAIL_ENV}: simulated worker failure after epoch {epoch}")
         if stop and epoch < cfg.epochs:
             log(f"[gloss-ray] early stop: no validation macro-F1 gain for {cfg.patience} epoch(s)")
+            break
+        if state["global_step"] >= total_steps and epoch < cfg.epochs:
+            log(f"[gloss-ray] stop: --max-steps {cfg.max_steps} reached in epoch {epoch}")
             break
 
     # ---- test with the best weights -------------------------------------------------------------

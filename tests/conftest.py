@@ -118,5 +118,5 @@ def moto_server() -> str:
     """The endpoint URL of a moto S3 server on loopback (fake credentials, region us-east-1); the
     environment already points pyarrow, gloss-ray and Ray's workers at it. Create buckets first."""
     if "error" in _MOTO:
-        pytest.fail(f"no S3 server (install the test extra: pip install -e '.[test]'): {_MOTO['error']}")
+        pytest.fail(f"no S3 server (install the test extra: pip install -e '.[cpu,test]'): {_MOTO['error']}")
     return _start_moto_server()

@@ -203,3 +203,17 @@ def test_two_worker_run_with_global_graph_logs_diagnostics(ray_local, data_dir, 
         assert float(r["recall_at_k"]) == pytest.approx(1.0)  # exact FAISS index on a small corpus
         assert 0.0 <= float(r["pseudo_label_accuracy"]) <= 1.0 and int(r["pseudo_labelled"]) > 0
         assert float(r["refresh_s"]) > 0 and float(r["lookup_s"]) > 0
+
+
+def test_max_steps_ends_the_run_mid_epoch(data_dir, tiny_model_dir, tmp_path):
+    """--max-steps bounds a run (large corpora): the epoch ends there, and the run with it."""
+    from gloss_ray.train_loop import LocalSession, train
+
+    cfg = TrainConfig(benchmark="mr", data_dir=str(data_dir), model=tiny_model_dir, loss="gloss", epochs=3,
+                      max_train=96, max_eval=16, max_length=16, batch_size=16, max_steps=4, progress=False,
+                      storage=str(tmp_path), name="bounded")
+    final = train(cfg, LocalSession(str(tmp_path / "bounded")))      # 6 steps per epoch
+    rows = list(csv.DictReader(open(tmp_path / "bounded" / "history.csv")))
+    assert final["epochs_run"] == 1 and [int(r["epoch"]) for r in rows] == [1]
+    state = json.loads((tmp_path / "bounded" / "local_checkpoint" / "state.json").read_text())
+    assert state["global_step"] == 4
