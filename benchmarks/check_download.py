@@ -4,7 +4,7 @@
 #
 #   python benchmarks/check_download.py /tmp/gloss_sources \
 #       --from-git /work/.mirror/saditya13+G-Loss/repo /work/.mirror/yao8839836+text_gcn/repo \
-#       [--reference /work/shared/data]
+#       [--reference FOLDER_OF_REFERENCE_PARQUET_FILES]
 #
 # SOURCES holds e.g. raw.githubusercontent.com/saditya13/G-Loss/<commit>/data/MR/train.csv and
 # ndownloader.figshare.com/files/5975967 (20news-bydate.tar.gz). --from-git first fills it from

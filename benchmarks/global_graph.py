@@ -1,5 +1,11 @@
 # Run:  python benchmarks/global_graph.py --sizes 10000,100000 --out benchmarks/results/global_graph_cpu.json
 #       (add --real mr,r8 for all-MiniLM-L6-v2 embeddings of the benchmark train sets; --device cuda on a GPU)
+# Headline (issue 13): full kNN graph time + held-out recall per backend at 100k and 1M documents:
+#       python benchmarks/global_graph.py --sizes 100000 --lookups 0 --faiss-threads 2 \
+#           --backends faiss-ivf,faiss-ivf:sq8,faiss-ivf:flat,torch-exact,faiss-flat,faiss-hnsw \
+#           --out benchmarks/results/global_graph_full_100k_cpu.json
+#       python benchmarks/global_graph.py --sizes 1000000 --backends faiss-ivf --lookups 0 --exact-sample 1000 \
+#           --faiss-threads 2 --out benchmarks/results/global_graph_full_1m_cpu.json
 """Cost of the global document graph vs corpus size: index build, full kNN graph, per-step lookup, recall.
 
 Corpus: clustered synthetic 384-d unit vectors (``gloss_ray.graph.synthetic``: 50 classes, each a
@@ -8,14 +14,19 @@ faiss-ivf, faiss-hnsw, faiss-gpu) and size:
 
 * build  - seconds to build the index (for faiss-ivf/-hnsw including the recall calibration of
   nprobe/efSearch, which is part of what a refresh pays);
-* graph  - seconds for the full kNN graph: every doc queries k+1 neighbours, self excluded
+* graph  - seconds for the full kNN graph: every doc queries k+1 neighbours, self excluded (fastest of
+  ``--repeat`` runs)
   (exact backends on corpora above ``--max-exact-full`` docs are timed on the recall sample and
   extrapolated linearly; marked ``~``);
 * cpu    - CPU seconds (all threads) of build + graph: with 2 busy threads a quiet machine needs
   about half of it in wall time, so it shows what a run squeezed by other processes would cost;
-* lookup - median ms of one ``GlobalNeighbours.lookup`` for a batch of 128 docs (k=16);
-* recall@16 against exact search (all docs up to 20k, else a sample of 2,000 queries), and the
-  kNN label homophily.
+* lookup - median ms of one ``GlobalNeighbours.lookup`` for a batch of 128 docs (k=16; ``--lookups 0``
+  skips it);
+* rss    - the process's peak resident memory (GiB) after that backend (``ru_maxrss``: a running maximum
+  over the whole process, corpus and ground truth included; run one backend per process to isolate it);
+* recall@16 against exact search, on queries the IVF/HNSW recall calibration did not tune on (all
+  docs up to 20k except the calibration queries, else a sample of 2,000 of the others), and the kNN
+  label homophily. ``calib_recall`` is the calibration's own estimate, on its tuning queries.
 
 ``--real mr,r8`` encodes the train texts of those benchmarks with all-MiniLM-L6-v2 (mean pooling,
 L2-normalised) and reports the encode time and the same numbers on the real embeddings.
@@ -26,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -37,8 +49,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gloss_ray.graph import (EmbeddingBank, GlobalNeighbours, KnnIndex, exact_knn_torch,  # noqa: E402
-                             faiss_gpu_available, label_homophily, recall_at_k)
+from gloss_ray.graph import (EmbeddingBank, GlobalNeighbours, KnnIndex, calibration_rows,  # noqa: E402
+                             exact_knn_torch, faiss_gpu_available, held_out_queries, label_homophily, recall_at_k)
 from gloss_ray.graph.synthetic import clustered_unit_vectors  # noqa: E402
 
 EXACT = {"torch-exact", "faiss-flat", "faiss-gpu"}
@@ -69,31 +81,40 @@ def ground_truth(x: torch.Tensor, k: int, sample: torch.Tensor, device: str) -> 
 
 def bench_backend(name: str, x: torch.Tensor, labels: torch.Tensor, k: int, sample: torch.Tensor,
                   exact_ids: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    name, _, codec = name.partition(":")  # e.g. "faiss-ivf:sq8" = faiss-ivf with codec="sq8"
     n, device = len(x), (args.device if name in ("torch-exact", "faiss-gpu") else "cpu")
-    params: dict[str, Any] = {}
+    params: dict[str, Any] = {"codec": codec} if codec else {}
     if name == "torch-exact" and args.torch_dtype:
         params["dtype"] = getattr(torch, args.torch_dtype)
+    if name.startswith("faiss") and args.faiss_threads:
+        params["num_threads"] = args.faiss_threads
     xb = x.to(device)
     cpu0 = time.process_time()
     idx = KnnIndex.build(xb, name, device, **params)
     build_cpu = time.process_time() - cpu0
+    if idx.calib_rows is not None and bool(torch.isin(sample, idx.calib_rows).any()):
+        raise RuntimeError(f"{name}: recall queries overlap the index's calibration queries")
     extrapolated = name in EXACT and n > args.max_exact_full
     queries = sample if extrapolated else torch.arange(n)
-    sync(device)
-    t, cpu0 = time.perf_counter(), time.process_time()
-    res = idx.search(xb[queries.to(xb.device)], k, exclude_ids=queries)
-    sync(device)
-    graph_s = (time.perf_counter() - t) * (n / len(queries))
-    graph_cpu = (time.process_time() - cpu0) * (n / len(queries))
+    graph_s = graph_cpu = float("inf")
+    for _ in range(max(1, args.repeat or 1)):  # fastest of --repeat runs (the machine is shared)
+        sync(device)
+        t, cpu0 = time.perf_counter(), time.process_time()
+        res = idx.search(xb[queries.to(xb.device)], k, exclude_ids=queries)
+        sync(device)
+        graph_s = min(graph_s, (time.perf_counter() - t) * (n / len(queries)))
+        graph_cpu = min(graph_cpu, (time.process_time() - cpu0) * (n / len(queries)))
     ids = res.ids.cpu()
     pos = torch.arange(len(sample)) if extrapolated else sample
     rec = recall_at_k(ids[pos], exact_ids)
     homophily = label_homophily(ids, labels, self_ids=queries)
-    bank = EmbeddingBank(n, x.shape[1], dtype=torch.float32, device=device, labels=labels)
-    bank.set_rows(torch.arange(n), xb)
-    gn = GlobalNeighbours(bank, idx)
-    g = torch.Generator().manual_seed(0)
+    del res
     times = []
+    if args.lookups:
+        bank = EmbeddingBank(n, x.shape[1], dtype=torch.float32, device=device, labels=labels)
+        bank.set_rows(torch.arange(n), xb)
+        gn = GlobalNeighbours(bank, idx)
+        g = torch.Generator().manual_seed(0)
     for _ in range(args.lookups):
         batch = torch.randperm(n, generator=g)[:args.batch_size]
         emb = F.normalize(xb[batch.to(xb.device)] + 0.05 * torch.randn(len(batch), x.shape[1], generator=g).to(device)
@@ -103,20 +124,30 @@ def bench_backend(name: str, x: torch.Tensor, labels: torch.Tensor, k: int, samp
         gn.lookup(batch, emb, k, max_nodes=args.batch_size * k)
         sync(device)
         times.append(time.perf_counter() - t)
-    shown = {p: v for p, v in idx.params.items() if p in ("nlist", "nprobe", "M", "ef_search", "dtype")}
-    return {"backend": name, "device": device, "n": n, "build_s": idx.build_seconds, "graph_s": graph_s,
+    shown = {p: v for p, v in idx.params.items()
+             if p in ("factory", "nlist", "nprobe", "k_factor", "M", "ef_search", "dtype", "num_threads")}
+    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    return {"backend": name + (f":{codec}" if codec else ""), "device": device, "n": n,
+            "build_s": idx.build_seconds, "graph_s": graph_s,
             "graph_extrapolated": extrapolated, "total_s": idx.build_seconds + graph_s,
             "build_cpu_s": build_cpu, "graph_cpu_s": graph_cpu,
-            "lookup_ms": 1000 * statistics.median(times), "recall_at_k": rec, "homophily": homophily,
+            "lookup_ms": 1000 * statistics.median(times) if times else None, "recall_at_k": rec,
+            "peak_rss_gib": rss_gib, "loadavg": os.getloadavg(), "homophily": homophily,
             "params": {p: str(v) for p, v in shown.items()},
-            "calib_recall": idx.params.get("calib_recall")}
+            "recall_queries": len(sample), "calib_recall": idx.params.get("calib_recall")}
+
+
+def recall_queries(n: int, exact_sample: int, full_up_to: int = 20_000) -> torch.Tensor:
+    """The recall queries for a corpus of ``n``: never one of the queries the IVF/HNSW recall calibration
+    tunes on (the same rows for every backend built with the default ``calib_queries``/``seed``); all the
+    other docs up to ``full_up_to`` docs, else ``exact_sample`` random ones of them."""
+    return held_out_queries(n, None if n <= full_up_to else exact_sample, calibration_rows(n), seed=1)
 
 
 def run_corpus(tag: str, x: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace,
                extra: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
     n, k = len(x), args.k
-    g = torch.Generator().manual_seed(1)
-    sample = torch.arange(n) if n <= 20_000 else torch.randperm(n, generator=g)[:args.exact_sample].sort().values
+    sample = recall_queries(n, args.exact_sample)
     t = time.perf_counter()
     exact_ids = ground_truth(x, k, sample, args.device)
     print(f"[{tag}] n={n}: exact ground truth for {len(sample)} queries in {time.perf_counter() - t:.1f}s", flush=True)
@@ -129,14 +160,17 @@ def run_corpus(tag: str, x: torch.Tensor, labels: torch.Tensor, args: argparse.N
 
 
 HEADER = (f"{'corpus':<10} {'n':>8} {'backend':<12} {'dev':<5} {'build s':>8} {'graph s':>9} {'total s':>8} "
-          f"{'cpu s':>8} {'lookup ms':>9} {'recall@k':>8} {'homoph':>6}  params")
+          f"{'cpu s':>8} {'lookup ms':>9} {'recall@k':>8} {'homoph':>6} {'rss GiB':>7}  params")
 
 
 def fmt_row(r: dict[str, Any]) -> str:
     graph = ("~" if r["graph_extrapolated"] else "") + f"{r['graph_s']:.2f}"
     params = " ".join(f"{k}={v}" for k, v in r["params"].items())
+    lookup = "-" if r.get("lookup_ms") is None else f"{r['lookup_ms']:.2f}"
+    rss = "-" if r.get("peak_rss_gib") is None else f"{r['peak_rss_gib']:.2f}"
     return (f"{r['corpus']:<10} {r['n']:>8} {r['backend']:<12} {r['device']:<5} {r['build_s']:>8.2f} {graph:>9} "
-            f"{r['total_s']:>8.2f} {r['build_cpu_s'] + r['graph_cpu_s']:>8.1f} {r['lookup_ms']:>9.2f} {r['recall_at_k']:>8.4f} {r['homophily']:>6.3f}  {params}")
+            f"{r['total_s']:>8.2f} {r['build_cpu_s'] + r['graph_cpu_s']:>8.1f} {lookup:>9} {r['recall_at_k']:>8.4f} "
+            f"{r['homophily']:>6.3f} {rss:>7}  {params}")
 
 
 def encode_texts(texts: list[str], device: str, batch_size: int = 64, max_length: int = 128) -> torch.Tensor:
@@ -164,17 +198,22 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--device", default="cpu", help="device for torch-exact / faiss-gpu (cpu or cuda)")
-    ap.add_argument("--backends", default="", help="comma-separated subset (default: all available)")
+    ap.add_argument("--backends", default="",
+                    help="comma-separated subset (default: all available); "
+                         "faiss-ivf:sq8 / faiss-ivf:flat pick the IVF codec")
     ap.add_argument("--torch-dtype", default="", help="matmul dtype for torch-exact, e.g. bfloat16 or float16")
     ap.add_argument("--max-exact-full", type=int, default=50_000,
                     help="exact backends above this size are timed on the recall sample and extrapolated")
     ap.add_argument("--exact-sample", type=int, default=2000)
+    ap.add_argument("--repeat", type=int, default=1, help="time the full graph this many times, keep the fastest")
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lookups", type=int, default=10)
+    ap.add_argument("--lookups", type=int, default=10, help="timed GlobalNeighbours.lookup calls (0 = skip)")
+    ap.add_argument("--faiss-threads", type=int, default=0,
+                    help="FAISS OpenMP threads (faiss.omp_set_num_threads; 0 = FAISS's default)")
     ap.add_argument("--real", default="", help="comma-separated benchmark names, e.g. mr,r8")
     ap.add_argument("--real-limit", type=int, default=0, help="encode at most this many docs per benchmark (0 = all)")
-    ap.add_argument("--data-dir", default=os.environ.get("GLOSS_RAY_DATA",
-                                                         str(Path(__file__).resolve().parents[2] / "shared" / "data")))
+    ap.add_argument("--data-dir", default=None,
+                    help="benchmark folder (default: $GLOSS_RAY_DATA, ./data, the user cache, else downloaded)")
     ap.add_argument("--out", default="")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -184,7 +223,7 @@ def main() -> None:
     import faiss
     info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "faiss": faiss.__version__, "torch_threads": torch.get_num_threads(),
-            "faiss_threads": faiss.omp_get_max_threads(), "loadavg_start": os.getloadavg(),
+            "faiss_threads": args.faiss_threads or faiss.omp_get_max_threads(), "loadavg_start": os.getloadavg(),
             "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
             "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}
     print(json.dumps(info), flush=True)
@@ -196,7 +235,9 @@ def main() -> None:
         rows += run_corpus("synthetic", x, labels, args)
     for name in [s for s in args.real.split(",") if s]:
         import pandas as pd
-        df = pd.read_parquet(Path(args.data_dir) / name / "train.parquet")
+
+        from gloss_ray.download import find_or_download
+        df = pd.read_parquet(find_or_download(name, args.data_dir) / name / "train.parquet")
         df = df.iloc[:args.real_limit] if args.real_limit else df
         classes = sorted(df["label"].unique())
         labels = torch.tensor(df["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(), dtype=torch.long)

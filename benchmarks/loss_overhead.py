@@ -26,7 +26,9 @@ from gloss_ray.model import TextClassifier, load_tokenizer  # noqa: E402
 
 
 def texts(n: int) -> list[str]:
-    data = Path(os.environ.get("GLOSS_RAY_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    from gloss_ray.download import find_or_download
+
+    data = find_or_download("mr")               # $GLOSS_RAY_DATA, ./data, the user cache, else downloaded
     f = data / "mr" / "train.parquet"
     if f.exists():
         import pandas as pd

@@ -26,7 +26,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-os.environ.setdefault("GLOSS_RAY_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def epoch_times(run_dir: Path) -> list[float]:

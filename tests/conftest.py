@@ -7,11 +7,21 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("GLOSS_RAY_DATA", str(REPO.parent / "shared" / "data"))
+import pytest  # noqa: E402
+
+if not os.environ.get("GLOSS_RAY_DATA"):
+    # The benchmarks: ./data or the user cache, else downloaded there once (needs internet);
+    # CI and offline machines point GLOSS_RAY_DATA at a folder holding <name>/*.parquet.
+    from gloss_ray.download import find_or_download
+    from gloss_ray.errors import DataError
+
+    try:
+        os.environ["GLOSS_RAY_DATA"] = str(find_or_download("mr"))
+    except DataError as e:
+        raise pytest.UsageError(f"benchmark data: {e}") from None
 # Ray workers inherit this: test modules that define worker functions must be importable there.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH")) if p)
 
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("GLOSS_RAY_DATA") or ROOT.parent / "shared" / "data")
+DATA = Path(os.environ["GLOSS_RAY_DATA"])   # conftest: found, downloaded or given
 JOBS = ("finetune", "sweep", "benchmark", "report")
 JOB_TIMEOUT_S = 300
 RAY_CLI = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"

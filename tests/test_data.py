@@ -25,9 +25,8 @@ from gloss_ray.errors import DataError
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """Benchmark data: $GLOSS_RAY_DATA, else shared/data next to the repository."""
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    path = Path(os.environ.get("GLOSS_RAY_DATA") or default)
+    """Benchmark data: $GLOSS_RAY_DATA (conftest sets it: found, downloaded or given)."""
+    path = Path(os.environ["GLOSS_RAY_DATA"])
     if not (path / "mr").is_dir():
         pytest.skip(f"benchmark data not found at {path}")
     return path

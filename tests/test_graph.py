@@ -5,9 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from gloss_ray.errors import ConfigError
-from gloss_ray.graph import (EmbeddingBank, GlobalNeighbours, KnnIndex, choose_backend, exact_knn_torch,
-                             faiss_gpu_available, label_homophily, propagate_labels_knn, recall_at_k)
+from gloss_ray.graph import (EmbeddingBank, GlobalNeighbours, KnnIndex, LabelSpreading, choose_backend,
+                             exact_knn_torch, faiss_gpu_available, label_homophily, propagate_labels_knn, recall_at_k)
+from gloss_ray.graph import global_graph as global_graph_mod
 from gloss_ray.graph import index as index_mod
+from gloss_ray.graph.global_graph import GlobalGraph
 from gloss_ray.graph.synthetic import clustered_unit_vectors
 
 faiss = pytest.importorskip("faiss")
@@ -86,26 +88,33 @@ def test_approximate_backends_reach_recall(corpus, backend):
     assert label_homophily(res.ids, labels) > 0.9
 
 
-def test_ivf_fixed_params_and_list_major_search(corpus, monkeypatch):
-    x, _, _ = corpus
-    idx = KnnIndex.build(x, "faiss-ivf", nlist=64, nprobe=5)
-    assert idx.params["nlist"] == 64 and idx._index.nprobe == 5 and "calib_recall" not in idx.params
-    q = x[:3000]
-    monkeypatch.setattr(index_mod, "LIST_MAJOR_MIN_QUERIES", 10**9)  # FAISS's own scan
-    ref = idx.search(q, 16)
-    monkeypatch.setattr(index_mod, "LIST_MAJOR_MIN_QUERIES", 1)  # list-by-list matmul scan
-    got = idx.search(q, 16)
-    assert (got.ids == ref.ids).float().mean() > 0.999  # equal up to float rounding among near-ties
-    assert torch.allclose(got.scores, ref.scores, atol=1e-5)
-    idx = KnnIndex.build(x, "faiss-ivf", target_recall=None)
+@pytest.mark.parametrize("codec", ["pqfs", "sq8", "flat"])
+def test_ivf_fixed_params_and_codecs(corpus, codec):
+    x, _, exact = corpus
+    idx = KnnIndex.build(x, "faiss-ivf", nlist=64, nprobe=16, codec=codec, k_factor=16)
+    assert idx.params["nlist"] == 64 and idx._ivf.nprobe == 16 and idx.params["nprobe"] == 16
+    assert idx.params["codec"] == codec and "calib_recall" not in idx.params
+    res = idx.search(x[:2000], 17, exclude_ids=torch.arange(2000))
+    assert recall_at_k(res.ids[:, :16], exact.ids[:2000]) > 0.8
+    assert (res.scores[:, :-1] >= res.scores[:, 1:]).all()
+    if codec == "pqfs":  # exact re-ranking: scores are true inner products
+        assert idx.params["k_factor"] == 16 and idx.params["factory"] == "IVF64,PQ16x4fs,RFlat"
+        got = (x[:2000].unsqueeze(1) * x[res.ids]).sum(-1)
+        assert torch.allclose(got, res.scores, atol=1e-4)
+    idx = KnnIndex.build(x, "faiss-ivf", target_recall=None, codec=codec)
     assert idx.params["nprobe"] == max(8, -(-idx.params["nlist"] // 80))
+    with pytest.raises(ConfigError, match="codec"):
+        KnnIndex.build(x[:500], "faiss-ivf", codec="pq")
 
 
 # ------------------------------------------------------------------ backend choice
 def test_choose_backend_auto_and_errors(monkeypatch):
+    # fastest measured full-graph backend on the reference CPU (docs/benchmarks.md section 3, issue 13)
     assert choose_backend(1_000, "cpu") == "faiss-flat"
-    assert choose_backend(50_000, "cpu") == "faiss-flat"
-    assert choose_backend(50_001, "cpu") == "faiss-ivf"
+    assert choose_backend(index_mod.EXACT_MAX_N, "cpu") == "faiss-flat"
+    assert choose_backend(index_mod.EXACT_MAX_N + 1, "cpu") == "faiss-ivf"
+    assert choose_backend(10**6, "cpu") == "faiss-ivf"
+    assert KnnIndex.build(unit(50, 8)).backend == "faiss-flat"
     assert choose_backend(10, "cpu", "faiss-hnsw") == "faiss-hnsw"
     monkeypatch.setattr(index_mod, "faiss_gpu_available", lambda: False)
     assert choose_backend(10**6, "cuda") == "torch-exact"
@@ -120,6 +129,21 @@ def test_choose_backend_auto_and_errors(monkeypatch):
     assert choose_backend(10**6, "cpu") == "torch-exact"
     with pytest.raises(ConfigError, match="needs FAISS"):
         choose_backend(10, "cpu", "faiss-flat")
+
+
+def test_faiss_that_fails_to_load_is_a_config_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "faiss":  # what faiss-gpu does when its CUDA wheels are missing
+            raise RuntimeError("libcudart.so.12: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ConfigError, match=r'pip install "gloss-ray\[cpu\]"'):
+        choose_backend(10, "cpu")
 
 
 def test_faiss_gpu_request_without_gpu_build():
@@ -268,3 +292,164 @@ def test_propagation_unreached_nodes_and_bad_input():
     assert pred.tolist() == [1, 1, -1, -1] and conf.tolist()[2:] == [0.0, 0.0]
     with pytest.raises(ValueError):
         propagate_labels_knn(ids, scores, np.array([2, -1, -1, -1]), 2)
+
+
+def test_label_spreading_torch_product_equals_scipy():
+    # the sparse-tensor product used on a GPU device, run on CPU against the SciPy one used on CPU
+    x, truth = clustered_unit_vectors(300, 16, 3, rank=2, seed=3)
+    res = exact_knn_torch(x, x, 8, exclude_self=True)
+    labels = np.where(np.arange(300) % 4 == 0, truth.numpy(), -1)
+    spreading = LabelSpreading(res.ids, res.scores)
+    pred, conf = spreading.spread(labels, 3)
+    csr = spreading._csr
+    spreading.matrix = torch.sparse_csr_tensor(torch.from_numpy(csr.indptr.astype(np.int64)),
+                                               torch.from_numpy(csr.indices.astype(np.int64)),
+                                               torch.from_numpy(csr.data), csr.shape)
+    spreading._csr = None
+    pred_t, conf_t = spreading.spread(labels, 3)
+    assert torch.equal(pred, pred_t)
+    torch.testing.assert_close(conf, conf_t, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ global graph: no label echo
+def _global_graph(emb, known, truth, num_classes, k=8, max_nodes=256, **kw):
+    g = GlobalGraph(len(emb), emb.shape[1], known, truth, num_classes, k, max_nodes, backend="torch-exact", **kw)
+    g.refresh(lambda idx: emb[torch.as_tensor(idx)], 0)
+    return g
+
+
+def test_extra_nodes_do_not_depend_on_the_batch_labels():
+    # 20% of the labels known; every batch document also has an unlabelled exact duplicate in the corpus.
+    # Changing the labels of the batch documents must not change a single extra node or label: before,
+    # the unlabelled neighbours (the duplicates first) carried pseudo-labels spread from the batch's labels.
+    n, c = 1000, 4
+    base = unit(n, 16, seed=1)
+    truth = np.random.default_rng(0).integers(0, c, n)
+    batch = np.arange(0, 500, 5)                       # 100 labelled documents
+    known = np.full(n, -1)
+    known[batch] = truth[batch]
+    known[np.arange(1, n, 10)] = truth[np.arange(1, n, 10)]
+    emb = torch.cat([base, base[batch]])               # + unlabelled duplicates of the batch
+    truth2, known2 = np.concatenate([truth, truth[batch]]), np.concatenate([known, np.full(len(batch), -1)])
+    other = known2.copy()
+    other[batch] = (other[batch] + 1) % c              # the same corpus, the batch's labels changed
+    bi = torch.as_tensor(batch)
+    a = _global_graph(emb, known2, truth2, c).lookup(bi, emb[bi])
+    b = _global_graph(emb, other, truth2, c).lookup(bi, emb[bi])
+    assert len(a[1]) > 0 and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("use_global", [True, False])
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.2])
+def test_random_labels_give_chance_accuracy_on_hidden_nodes(fraction, use_global):
+    # Labels independent of the embeddings: nothing can predict a hidden node's label, through the batch
+    # or the extra nodes (real lookup + propagation). Before: 0.38 at 50% and 0.55 at 20% known labels.
+    from gloss_ray.losses import label_propagation
+    from gloss_ray.losses.gloss import random_mask
+    from gloss_ray.train_loop import known_label_subset
+
+    n, c, batch = 2000, 4, 64
+    emb = unit(n, 16, seed=0)
+    truth = np.random.default_rng(0).integers(0, c, n)
+    keep = known_label_subset(truth, fraction, 0) if fraction < 1 else np.arange(n)
+    known = np.full(n, -1)
+    known[keep] = truth[keep]
+    g = _global_graph(emb, known, truth, c) if use_global else None
+    rng, hits, total = np.random.default_rng(1), 0, 0
+    for step in range(30):
+        bi = torch.as_tensor(rng.choice(keep, batch, replace=False))
+        x, lab = emb[bi].double(), torch.as_tensor(truth[bi.numpy()])
+        vis = random_mask(batch, 0.7, torch.Generator().manual_seed(step))
+        if g is not None:
+            ex_emb, ex_lab = g.lookup(bi, emb[bi])
+            x, lab = torch.cat([x, ex_emb.double()]), torch.cat([lab, ex_lab])
+            vis = torch.cat([vis, torch.ones(len(ex_lab), dtype=torch.bool)])
+        f_u = label_propagation(x, lab, vis, 0.5, c)
+        hits += int((f_u.argmax(1) == lab[~vis]).sum())
+        total += int((~vis).sum())
+    assert abs(hits / total - 1 / c) < 0.07  # ~4 standard deviations of 570 guesses at chance
+
+
+def test_pseudo_confidence_threshold_drops_unsure_pseudo_labels():
+    x, truth = unit(600, 16, seed=4), np.random.default_rng(4).integers(0, 3, 600)  # mixed neighbourhoods
+    known = np.where(np.arange(600) % 5 == 0, truth, -1)
+    batch = torch.arange(0, 100, 5)
+    loose = _global_graph(x, known, truth, 3).labels_for_batch(batch)
+    strict = _global_graph(x, known, truth, 3, pseudo_confidence=0.6).labels_for_batch(batch)
+    unknown = torch.as_tensor(known) < 0
+    assert (strict[~unknown] == loose[~unknown]).all()
+    kept = unknown & (strict >= 0)
+    assert (strict[kept] == loose[kept]).all() and kept.sum() < (unknown & (loose >= 0)).sum()
+
+
+def test_pseudo_confidence_is_an_option():
+    from gloss_ray.cli import _train_overrides, build_parser
+    from gloss_ray.config import TrainConfig
+
+    args = build_parser().parse_args(["train", "--benchmark", "mr", "--pseudo-confidence", "0.9"])
+    assert TrainConfig.from_sources(None, _train_overrides(args)).pseudo_confidence == 0.9
+    with pytest.raises(ConfigError, match="pseudo_confidence"):
+        TrainConfig(benchmark="mr", pseudo_confidence=1.5)
+
+
+# ------------------------------------------------------------------ recall on queries not used for calibration
+def _record_calibration_queries(monkeypatch) -> list:
+    """Row positions each index build searched during its recall calibration (exclude_ids of those searches)."""
+    seen, building = [], []
+    build, search = KnnIndex.build.__func__, KnnIndex.search
+
+    def recording_build(cls, *a, **kw):
+        building.append(True)
+        try:
+            return build(cls, *a, **kw)
+        finally:
+            building.pop()
+
+    def recording_search(self, queries, k, *a, **kw):
+        if building and kw.get("exclude_ids") is not None:
+            seen.append(torch.as_tensor(kw["exclude_ids"]).reshape(-1).cpu())
+        return search(self, queries, k, *a, **kw)
+
+    monkeypatch.setattr(KnnIndex, "build", classmethod(recording_build))
+    monkeypatch.setattr(KnnIndex, "search", recording_search)
+    return seen
+
+
+@pytest.mark.parametrize("backend", ["faiss-ivf", "faiss-hnsw"])
+def test_diagnostic_recall_queries_are_not_the_calibration_queries(monkeypatch, backend):
+    calib = _record_calibration_queries(monkeypatch)
+    queries = []
+    recall = global_graph_mod.tie_aware_recall
+    monkeypatch.setattr(global_graph_mod, "tie_aware_recall", lambda v, q, *a: queries.append(q) or recall(v, q, *a))
+    x, truth = clustered_unit_vectors(3000, 16, 8, rank=4, seed=6)
+    g = GlobalGraph(3000, 16, truth.numpy(), truth.numpy(), 8, 8, 64, backend=backend)
+    diag = g.refresh(lambda idx: x[torch.as_tensor(idx)], 0)
+    assert calib and len(queries) == 1 and len(queries[0]) == 1000 and 0 < diag["recall_at_k"] <= 1
+    assert not torch.isin(queries[0], torch.cat(calib)).any()
+
+
+def test_benchmark_recall_queries_are_not_the_calibration_queries(monkeypatch):
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "global_graph.py"
+    spec = importlib.util.spec_from_file_location("bench_global_graph", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calib = _record_calibration_queries(monkeypatch)
+    samples = []
+    truth_fn = bench.ground_truth
+    monkeypatch.setattr(bench, "ground_truth",
+                        lambda x, k, sample, dev: samples.append(sample) or truth_fn(x, k, sample, dev))
+    x, labels = clustered_unit_vectors(3000, 16, 8, rank=4, seed=7)
+    class Args(argparse.Namespace):  # options not given here are off (None)
+        def __getattr__(self, name):
+            return None
+
+    args = Args(k=8, backends=["faiss-ivf", "faiss-hnsw"], device="cpu", torch_dtype="", max_exact_full=50_000,
+                exact_sample=2000, batch_size=16, lookups=1)
+    rows = bench.run_corpus("synthetic", x, labels, args)
+    assert len(rows) == 2 and calib and len(samples) == 1
+    assert not torch.isin(samples[0], torch.cat(calib)).any()
+    assert len(samples[0]) == 2000  # every doc but the 1,000 calibration queries

@@ -26,7 +26,7 @@ from gloss_ray.sweep import ENDED, parse_sets  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
-DATA = Path(os.environ.get("GLOSS_RAY_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+DATA = Path(os.environ["GLOSS_RAY_DATA"])   # conftest: found, downloaded or given
 BENCHES, LOSSES, SAMPLES, EPOCHS = ("mr", "r8"), ("ce", "gloss"), 3, 2
 TRIAL_KEYS = {"trial_id", "benchmark", "loss", "status", "config", "best_val_macro_f1", "iterations", "time_s",
               "device", "num_workers", "error"}

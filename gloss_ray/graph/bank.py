@@ -133,18 +133,23 @@ class GlobalNeighbours:
         self.bank, self.index = bank, index
 
     def lookup(self, batch_indices: Tensor, batch_embeddings: Tensor, k: int,
-               max_nodes: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+               max_nodes: Optional[int] = None, labels: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(neighbour_ids [m], neighbour_embeddings [m, dim], neighbour_labels [m])``, m <= max_nodes.
 
-        For each batch doc (query = its current embedding, detached and normalised) its ``k``
-        nearest bank docs are taken, skipping docs in the batch, docs with unknown label (-1) and
-        bank rows never filled; the union is deduplicated (best score kept) and the ``max_nodes``
-        highest-scoring ones returned (``None`` = no cap), best first. Embeddings come from the bank,
-        detached, in ``batch_embeddings``' dtype and device. ``2k + 2`` neighbours are fetched per query,
-        and queries left with fewer than ``k`` usable ones are searched again with 4x as many (so
-        an index over labelled rows only, :meth:`EmbeddingBank.build_index`, is cheapest).
+        ``labels`` ([num_docs], -1 = unknown; default: the bank's) are the labels the neighbours carry,
+        e.g. pseudo-labels computed without the batch's own labels. For each batch doc (query = its
+        current embedding, detached and normalised) its ``k`` nearest bank docs are taken, skipping docs
+        in the batch, docs with unknown label (-1) and bank rows never filled; the union is deduplicated
+        (best score kept) and the ``max_nodes`` highest-scoring ones returned (``None`` = no cap), best
+        first. Embeddings come from the bank, detached, in ``batch_embeddings``' dtype and device.
+        ``2k + 2`` neighbours are fetched per query, and queries left with fewer than ``k`` usable ones
+        are searched again with 4x as many (so an index over labelled rows only,
+        :meth:`EmbeddingBank.build_index`, is cheapest).
         """
         dev, bank = batch_embeddings.device, self.bank
+        labels = bank.labels if labels is None else torch.as_tensor(labels).long().to(bank.device)
+        if labels.shape != (bank.num_docs,):
+            raise ValueError(f"labels must have shape ({bank.num_docs},), got {tuple(labels.shape)}")
         bi = torch.as_tensor(batch_indices).long().reshape(-1).to(bank.device)
         if k <= 0 or max_nodes == 0 or bi.numel() == 0 or self.index.ntotal == 0:
             return (torch.empty(0, dtype=torch.long, device=dev),
@@ -158,7 +163,7 @@ class GlobalNeighbours:
             res = self.index.search(q[pending.to(q.device)], fetch)
             ids, scores = res.ids.to(bank.device), res.scores.to(bank.device)
             safe = ids.clamp_min(0)
-            valid = (ids >= 0) & ~torch.isin(ids, bi) & (bank.labels[safe] >= 0) & bank.filled[safe]
+            valid = (ids >= 0) & ~torch.isin(ids, bi) & (labels[safe] >= 0) & bank.filled[safe]
             # a row is final once it has k valid ids, or the index has nothing more to give
             done = ((valid.sum(1) >= k) | (fetch >= ntotal) | (ids[:, -1] < 0)).cpu()
             keep = valid & (valid.cumsum(1) <= k) & done.to(valid.device).unsqueeze(1)
@@ -174,4 +179,4 @@ class GlobalNeighbours:
         ids = ids[first.sort().values]
         if max_nodes is not None:
             ids = ids[:max_nodes]
-        return (ids.to(dev), bank.vectors[ids].to(dev, batch_embeddings.dtype), bank.labels[ids].to(dev))
+        return (ids.to(dev), bank.vectors[ids].to(dev, batch_embeddings.dtype), labels[ids].to(dev))

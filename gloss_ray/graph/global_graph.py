@@ -2,15 +2,25 @@
 
 Every ``refresh_every`` epochs the whole training corpus is re-encoded without gradients (each worker
 its shard, gathered so that every worker holds the same bank), a kNN index is rebuilt over the bank,
-the full kNN graph is searched once for diagnostics (and, in the low-label setting, to spread the
-known labels to the rest of the corpus as pseudo-labels). At each step the documents of the global
-batch look up their nearest corpus documents, which join the batch's label propagation as extra
-labelled nodes with their stored (detached) embeddings. Between refreshes the bank follows each
+the full kNN graph is searched once for diagnostics (and, in the low-label setting, as the graph that
+spreads the known labels to the rest of the corpus as pseudo-labels). At each step the documents of
+the global batch look up their nearest corpus documents, which join the batch's label propagation as
+extra labelled nodes with their stored (detached) embeddings. Between refreshes the bank follows each
 batch's fresh embeddings (online update).
 
+Pseudo-labels without the batch's own labels. An extra node must not carry information from the label
+of a batch document: G-Loss hides some batch labels and scores how well propagation recovers them,
+and a pseudo-label spread from a hidden document's own label would hand that label back (its nearest
+unlabelled neighbours -- or an unlabelled duplicate of it -- mostly get their pseudo-label from it).
+So at each step the pseudo-labels are spread again over the refresh's kNN graph from the known labels
+of the documents *outside* the global batch (:meth:`GlobalGraph.labels_for_batch`, one sparse spread
+per step); batch documents themselves never join as extra nodes. Known labels of other documents are
+their own and are used as they are.
+
 Diagnostics per refresh: encode / index / search seconds, recall@k of the index against exact search
-on a sample, label homophily of the kNN graph (measured with the true labels, which in the low-label
-setting training never sees) and pseudo-label accuracy.
+on a sample of documents that the index's recall calibration did not use, label homophily of the kNN
+graph (measured with the true labels, which in the low-label setting training never sees) and the
+accuracy and count of the pseudo-labels spread from all known labels.
 """
 from __future__ import annotations
 
@@ -21,8 +31,8 @@ import torch
 
 from .. import distributed as D
 from .bank import EmbeddingBank, GlobalNeighbours
-from .index import KnnIndex, exact_knn_torch, label_homophily
-from .pseudo import propagate_labels_knn
+from .index import KnnIndex, exact_knn_torch, held_out_queries, label_homophily
+from .pseudo import LabelSpreading
 
 
 class GlobalGraph:
@@ -37,6 +47,7 @@ class GlobalGraph:
         self.num_classes, self.k, self.max_nodes = num_classes, k, max_nodes
         self.backend, self.pseudo_confidence, self.diag_queries, self.seed = backend, pseudo_confidence, diag_queries, seed
         self.neighbours: GlobalNeighbours | None = None
+        self.spreading: LabelSpreading | None = None
         self.lookup_s = 0.0
         self.lookups = 0
 
@@ -66,24 +77,38 @@ class GlobalGraph:
         ids = graph.ids.cpu().numpy()
         diag = {"refresh_s": time.perf_counter() - t0, "encode_s": t_enc, "index_s": t_index, "search_s": t_search,
                 "graph_backend": index.backend, "homophily": label_homophily(ids, self.true_labels)}
-        rng = np.random.default_rng(self.seed + step)
-        q = torch.as_tensor(rng.permutation(n)[: self.diag_queries])
+        q = held_out_queries(n, self.diag_queries, index.calib_rows, seed=self.seed + step)
         diag["recall_at_k"] = tie_aware_recall(vecs.float(), q, torch.as_tensor(ids)[q], k)
         if bool((self.known < 0).any()):
-            pred, conf = propagate_labels_knn(ids, graph.scores.cpu().numpy(), self.known.numpy(), self.num_classes)
+            self.spreading = LabelSpreading(ids, graph.scores, device=self.device)
+            pred, conf = (t.cpu().numpy() for t in self.spreading.spread(self.known, self.num_classes))
             unknown = self.known.numpy() < 0
             use = unknown & (pred >= 0) & (conf >= self.pseudo_confidence)
-            labels = np.where(unknown, np.where(use, pred, -1), self.known.numpy())
-            self.bank.labels = torch.as_tensor(labels, device=self.bank.device)
             diag["pseudo_label_accuracy"] = float((pred[unknown] == self.true_labels[unknown]).mean())
             diag["pseudo_labelled"] = int(use.sum())
         self.neighbours = GlobalNeighbours(self.bank, index)
         return diag
 
+    def labels_for_batch(self, batch_indices: torch.Tensor) -> torch.Tensor | None:
+        """The labels extra nodes may carry for this batch ([num_docs], -1 = none): known labels as they are,
+        and for the unknown documents pseudo-labels spread from the known labels of the documents outside
+        the batch (kept when their confidence is at least ``pseudo_confidence``). ``None`` when every label
+        is known (the bank's labels)."""
+        if self.spreading is None:
+            return None
+        known = self.known.to(self.device)
+        seen = known.clone()
+        seen[torch.as_tensor(batch_indices).long().reshape(-1).to(self.device)] = -1
+        pred, conf = self.spreading.spread(seen, self.num_classes)
+        use = (pred >= 0) & (conf >= self.pseudo_confidence)
+        return torch.where(known >= 0, known, torch.where(use, pred, -1))
+
     def lookup(self, batch_indices: torch.Tensor, batch_embeddings: torch.Tensor):
-        """Extra labelled nodes for a (global) batch: ``(embeddings, labels)``, detached."""
+        """Extra labelled nodes for a (global) batch: ``(embeddings, labels)``, detached; the labels come
+        from :meth:`labels_for_batch` (no batch document's label reaches them)."""
         t = time.perf_counter()
-        _, emb, lab = self.neighbours.lookup(batch_indices, batch_embeddings, self.k, self.max_nodes)
+        labels = self.labels_for_batch(batch_indices)
+        _, emb, lab = self.neighbours.lookup(batch_indices, batch_embeddings, self.k, self.max_nodes, labels=labels)
         self.lookup_s += time.perf_counter() - t
         self.lookups += 1
         return emb, lab

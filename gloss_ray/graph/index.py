@@ -8,12 +8,12 @@ Backends (see :func:`choose_backend`):
 
 ``torch-exact``  chunked matmul + top-k in PyTorch on the tensors' device (any dtype)
 ``faiss-flat``   exact ``IndexFlatIP`` (small CPU corpora)
-``faiss-ivf``    ``IndexIVFFlat`` (inner product); the coarse centroids are trained with a
-                 spherical k-means in PyTorch and documents/queries are assigned to lists with a
-                 PyTorch matmul (``add_core`` / ``search_preassigned``): on CPU, PyTorch's GEMM is
-                 several times faster than the one FAISS wheels use, and the result is the same
-                 index. Large query batches (the full graph) are scanned list by list with one
-                 matmul per list (same candidates as FAISS, ~2x faster on a 100k corpus here)
+``faiss-ivf``    FAISS IVF (inner product), built with ``faiss.index_factory``: by default
+                 ``IVF{nlist},PQ{d/4}x4fs,RFlat`` -- 4-bit PQ fast-scan codes in the inverted lists,
+                 then the ``k_factor * k`` best candidates re-ranked exactly (``IndexRefineFlat``);
+                 ``codec="sq8"`` / ``"flat"`` give ``IVF{nlist},SQ8`` / ``IVF{nlist},Flat``. The
+                 coarse quantiser is FAISS's own (spherical) k-means; ``nprobe`` is calibrated
+                 for recall (see :meth:`KnnIndex.build`)
 ``faiss-hnsw``   ``IndexHNSWFlat`` (inner product, M=32)
 ``faiss-gpu``    a FAISS GPU index (needs a FAISS GPU build)
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -33,9 +32,13 @@ from gloss_ray.errors import ConfigError
 Array = Union[torch.Tensor, np.ndarray]
 
 BACKENDS: tuple[str, ...] = ("torch-exact", "faiss-flat", "faiss-ivf", "faiss-hnsw", "faiss-gpu")
-FLAT_MAX_N = 50_000  # auto: exact faiss-flat up to this corpus size on CPU, faiss-ivf above
+# auto on CPU: exact faiss-flat up to this corpus size, faiss-ivf above. Measured full-graph times on the
+# 2-core reference CPU (docs/benchmarks.md section 3, issue 13): faiss-ivf overtakes exact search between
+# 20k (a tie) and 50k docs and is 3-9x faster at 50k; of the exact backends faiss-flat was the faster in
+# 6 of 9 paired runs (1.4-1.5x in the quietest), torch-exact in 3 (the choice without FAISS and on CUDA).
+EXACT_MAX_N = 20_000
 SEARCH_BATCH = 65_536  # queries per FAISS/torch search call
-LIST_MAJOR_MIN_QUERIES = 16  # faiss-ivf: list-by-list matmul search when >= this many queries per list
+IVF_CODECS: tuple[str, ...] = ("pqfs", "sq8", "flat")
 _MAX_SIM_ELEMENTS = 1 << 27  # cap on one similarity block (query chunk x bank) in exact_knn_torch
 
 
@@ -54,12 +57,22 @@ class KnnResult:
 
 
 def _faiss() -> Any:
-    """The ``faiss`` module, or ``None`` when it is not installed."""
+    """The ``faiss`` module, or ``None`` when it is not installed.
+
+    A FAISS build that is installed but cannot load (e.g. ``faiss-gpu`` raising ``RuntimeError`` when
+    its CUDA wheels are missing) raises :class:`ConfigError` with the install hint.
+    """
     try:
         import faiss
     except ImportError:
         return None
+    except RuntimeError as err:
+        raise ConfigError(f"FAISS is installed but failed to load ({err}); reinstall it: "
+                          f"{_FAISS_HINT}") from err
     return faiss
+
+
+_FAISS_HINT = 'pip install "gloss-ray[cpu]" (or "gloss-ray[gpu]")'
 
 
 def faiss_gpu_available() -> bool:
@@ -72,7 +85,8 @@ def choose_backend(n: int, device: str, requested: str = "auto") -> str:
     """Pick the kNN backend for ``n`` vectors living on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
 
     ``requested`` other than ``"auto"`` is validated and returned. Auto: on CUDA ``faiss-gpu`` when a
-    FAISS GPU build exists, else ``torch-exact``; on CPU ``faiss-flat`` for ``n <= 50_000``, else
+    FAISS GPU build exists, else ``torch-exact``; on CPU the fastest backend measured for a full kNN
+    graph at that size (:data:`EXACT_MAX_N`): exact ``faiss-flat`` for ``n <= 20_000``, else
     ``faiss-ivf`` (``torch-exact`` when FAISS is not installed).
     """
     faiss = _faiss()
@@ -80,7 +94,7 @@ def choose_backend(n: int, device: str, requested: str = "auto") -> str:
         if requested not in BACKENDS:
             raise ConfigError(f"unknown kNN backend {requested!r}; choose one of: auto, {', '.join(BACKENDS)}")
         if requested.startswith("faiss") and faiss is None:
-            raise ConfigError(f"kNN backend {requested!r} needs FAISS: pip install faiss-cpu (or faiss-gpu-cu12)")
+            raise ConfigError(f"kNN backend {requested!r} needs FAISS: {_FAISS_HINT}")
         if requested == "faiss-gpu" and not faiss_gpu_available():
             raise ConfigError("kNN backend 'faiss-gpu' needs a FAISS GPU build and a visible GPU "
                               "(pip install gloss-ray[gpu]); use 'torch-exact' on CUDA instead")
@@ -89,7 +103,7 @@ def choose_backend(n: int, device: str, requested: str = "auto") -> str:
         return "faiss-gpu" if faiss_gpu_available() else "torch-exact"
     if faiss is None:
         return "torch-exact"
-    return "faiss-flat" if n <= FLAT_MAX_N else "faiss-ivf"
+    return "faiss-flat" if n <= EXACT_MAX_N else "faiss-ivf"
 
 
 def _pad_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> KnnResult:
@@ -160,31 +174,26 @@ def _to_tensor(x: Array) -> torch.Tensor:
     return x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
 
 
-def spherical_kmeans(x: torch.Tensor, num_clusters: int, *, niter: int = 10, seed: int = 0,
-                     chunk: int = 65_536) -> torch.Tensor:
-    """Cosine k-means on unit rows of ``x`` (float32): returns unit centroids [num_clusters, d].
-
-    Seeded with random distinct rows; an emptied cluster keeps its previous centroid.
-    """
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    cent = x[torch.randperm(x.shape[0], generator=g)[:num_clusters].to(x.device)].clone()
-    for _ in range(niter):
-        assign = coarse_assign(x, cent, 1, chunk=chunk)[1][:, 0]
-        sums = torch.zeros_like(cent).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=num_clusters)
-        cent = torch.where((counts > 0).unsqueeze(1), torch.nn.functional.normalize(sums, dim=1), cent)
-    return cent
+def calibration_rows(ntotal: int, queries: int = 1000, seed: int = 0) -> torch.Tensor:
+    """The rows (positions, sorted) a ``faiss-ivf``/``faiss-hnsw`` index of ``ntotal`` vectors built with
+    ``calib_queries=queries`` and ``seed=seed`` tunes its recall on: ``min(queries, ntotal // 2)`` random
+    rows, so that at least half the corpus is left to measure recall on queries it was not tuned on
+    (:func:`held_out_queries`)."""
+    g = torch.Generator().manual_seed(int(seed) + 1)
+    return torch.randperm(ntotal, generator=g)[: min(int(queries), ntotal // 2)].sort().values
 
 
-def coarse_assign(x: torch.Tensor, centroids: torch.Tensor, nprobe: int, *,
-                  chunk: int = 65_536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``nprobe`` centroids (scores, ids) for each row of ``x``, chunked."""
-    vals, idx = [], []
-    for s in range(0, x.shape[0], chunk):
-        v, i = (x[s:s + chunk] @ centroids.T).topk(nprobe, dim=1)
-        vals.append(v)
-        idx.append(i)
-    return torch.cat(vals), torch.cat(idx)
+def held_out_queries(ntotal: int, count: Optional[int], exclude: Optional[Array] = None,
+                     seed: int = 0) -> torch.Tensor:
+    """Up to ``count`` random rows of ``range(ntotal)`` (sorted; ``None`` = all) that are not in ``exclude``
+    -- e.g. recall queries disjoint from an index's calibration queries (:attr:`KnnIndex.calib_rows`)."""
+    rows = torch.arange(ntotal)
+    if exclude is not None and len(exclude):
+        rows = rows[~torch.isin(rows, _to_tensor(exclude).long().cpu())]
+    if count is not None and count < rows.numel():
+        g = torch.Generator().manual_seed(int(seed))
+        rows = rows[torch.randperm(rows.numel(), generator=g)[:count]].sort().values
+    return rows
 
 
 class KnnIndex:
@@ -192,7 +201,9 @@ class KnnIndex:
 
     ``ids`` (optional, at build) maps index rows to external ids (e.g. bank rows of the labelled
     docs only); results are reported in those ids. Results live on the index's device for
-    ``torch-exact`` and on CPU for FAISS backends.
+    ``torch-exact`` and on CPU for FAISS backends. ``calib_rows`` are the row positions the recall
+    calibration searched (``None`` without calibration): measure recall on other rows
+    (:func:`held_out_queries`).
     """
 
     backend: str
@@ -203,10 +214,10 @@ class KnnIndex:
         self.backend, self.dim, self.ntotal, self.device, self.params = backend, dim, ntotal, device, params
         self.build_seconds = 0.0
         self.id_map: Optional[torch.Tensor] = None
+        self.calib_rows: Optional[torch.Tensor] = None
         self._index: Any = None  # FAISS index
         self._bank: Optional[torch.Tensor] = None  # torch-exact
-        self._centroids: Optional[torch.Tensor] = None  # faiss-ivf
-        self._quantizer: Any = None  # faiss-ivf coarse quantizer (the IVF index does not own it)
+        self._ivf: Any = None  # faiss-ivf: the IVF part of ``_index`` (owned by it; holds ``nprobe``)
         self._gpu_res: Any = None  # faiss-gpu resources (kept alive with the index)
 
     @classmethod
@@ -214,16 +225,22 @@ class KnnIndex:
               ids: Optional[Array] = None, **params: Any) -> "KnnIndex":
         """Index ``vectors`` [n, d] (already L2-normalised).
 
-        Params by backend: ``torch-exact``: ``dtype``, ``chunk``; ``faiss-ivf``: ``nlist``
-        (default ``4*sqrt(n)``, at most ``n/39``), ``nprobe``, ``niter`` (10), ``train_size`` (``32*nlist``),
-        ``seed``; ``faiss-hnsw``: ``M`` (32), ``ef_construction`` (``max(80, 2M)``), ``ef_search``; ``faiss-gpu``:
-        ``gpu_index`` ("flat" or "ivf"), ``fp16`` (False), ``nlist``/``nprobe``. Any FAISS backend:
-        ``num_threads`` sets ``faiss.omp_set_num_threads`` (left at FAISS's default otherwise).
+        Params by backend: ``torch-exact``: ``dtype``, ``chunk``; ``faiss-ivf``: ``nlist`` (default
+        ``2*sqrt(n)``, at most ``n/39``), ``nprobe``, ``codec`` ("pqfs", "sq8" or "flat"; default "pqfs"
+        when ``d % 4 == 0`` and there are >= 1000 training vectors, else "flat"), ``k_factor``
+        (re-ranked candidates per result with "pqfs"; 4, raised 4x at a time by the calibration while
+        even ``nprobe = nlist`` misses the target), ``niter`` (10, k-means iterations), ``train_size``
+        (``32*nlist``), ``seed``; ``faiss-hnsw``: ``M`` (32), ``ef_construction`` (``max(80, 2M)``),
+        ``ef_search``; ``faiss-gpu``: ``gpu_index`` ("flat" or "ivf"), ``fp16`` (False),
+        ``nlist``/``nprobe``. Any FAISS backend: ``num_threads`` sets ``faiss.omp_set_num_threads``
+        (left at FAISS's default otherwise).
 
         Recall calibration (``faiss-ivf`` without ``nprobe``, ``faiss-hnsw`` without ``ef_search``):
         the smallest value on a ladder whose recall@``calib_k`` (16) against exact search, measured on
-        ``calib_queries`` (1000) random corpus docs (self excluded), reaches ``target_recall`` (0.96,
-        a margin over 0.95 for the sampling error). The estimate is kept in ``params["calib_recall"]``.
+        ``calib_queries`` (1000, at most half the corpus) random corpus docs (self excluded;
+        :func:`calibration_rows`, kept in ``calib_rows``), reaches ``target_recall`` (0.96, a margin over
+        0.95 for the sampling error). The estimate is kept in ``params["calib_recall"]``; it is measured
+        on the tuning queries, so an independent recall figure needs other queries (:func:`held_out_queries`).
         ``target_recall=None`` skips calibration: ``nprobe = max(8, ceil(nlist/80))``, ``ef_search = 96``.
         """
         n, d = int(vectors.shape[0]), int(vectors.shape[1])
@@ -258,7 +275,7 @@ class KnnIndex:
         self._index.add(_to_numpy_f32(vectors))
 
     def _ivf_nlist(self) -> int:
-        default = min(int(round(4 * math.sqrt(self.ntotal))), self.ntotal // 39)
+        default = min(int(round(2 * math.sqrt(self.ntotal))), self.ntotal // 39)
         return max(1, int(self.params.get("nlist") or default))
 
     def _ivf_nprobe(self, nlist: int) -> int:
@@ -270,9 +287,9 @@ class KnnIndex:
         k = min(int(self.params.get("calib_k", 16)), self.ntotal - 1)
         if k < 1:
             return ladder[-1]
-        nq = min(int(self.params.get("calib_queries", 1000)), self.ntotal)
-        g = torch.Generator().manual_seed(int(self.params.get("seed", 0)) + 1)
-        rows = torch.randperm(self.ntotal, generator=g)[:nq]
+        rows = calibration_rows(self.ntotal, int(self.params.get("calib_queries", 1000)),
+                                int(self.params.get("seed", 0)))
+        self.calib_rows = rows
         exact = _drop_excluded(exact_knn_torch(x, x[rows], k + 1), rows.unsqueeze(1), k)
         rec = float("nan")
         for value in ladder:
@@ -286,28 +303,50 @@ class KnnIndex:
     def _build_faiss_ivf(self, vectors: Array) -> None:
         faiss = _faiss()
         x = _to_numpy_f32(vectors)
-        xt = torch.from_numpy(x)
         nlist = self._ivf_nlist()
-        g = torch.Generator().manual_seed(int(self.params.get("seed", 0)))
+        seed = int(self.params.get("seed", 0))
         train_n = min(self.ntotal, int(self.params.get("train_size") or 32 * nlist))
         if not 1 <= nlist <= train_n:
             raise ConfigError(f"nlist must be in [1, {train_n}] (training vectors), got {nlist}")
-        sample = xt[torch.randperm(self.ntotal, generator=g)[:train_n]]
-        self._centroids = spherical_kmeans(sample, nlist, niter=int(self.params.get("niter", 10)),
-                                           seed=int(self.params.get("seed", 0)))
-        quantizer = faiss.IndexFlatIP(self.dim)
-        quantizer.add(np.ascontiguousarray(self._centroids.numpy()))
-        index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        assign = np.ascontiguousarray(coarse_assign(xt, self._centroids, 1)[1][:, 0].numpy().astype(np.int64))
-        index.add_core(self.ntotal, faiss.swig_ptr(x), None, faiss.swig_ptr(assign))
-        self._quantizer = quantizer
-        self._index = index
-        self.params["nlist"] = nlist
-        index.nprobe = self._ivf_nprobe(nlist)
-        if self.params.get("nprobe") is None and self.params.get("target_recall", 0.96) is not None:
+        # PQ codebooks need training data (16 centroids per sub-quantiser): tiny corpora use the flat codec
+        codec = self.params.get("codec") or ("pqfs" if self.dim % 4 == 0 and train_n >= 1000 else "flat")
+        if codec not in IVF_CODECS or (codec == "pqfs" and self.dim % 4):
+            raise ConfigError(f"faiss-ivf codec must be one of {IVF_CODECS} ('pqfs' needs dim % 4 == 0), got {codec!r}")
+        key = {"pqfs": f"IVF{nlist},PQ{self.dim // 4}x4fs,RFlat", "sq8": f"IVF{nlist},SQ8",
+               "flat": f"IVF{nlist},Flat"}[codec]
+        index = faiss.index_factory(self.dim, key, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.niter, ivf.cp.seed, ivf.cp.spherical = int(self.params.get("niter", 10)), seed, True
+        ivf.cp.min_points_per_centroid, ivf.cp.max_points_per_centroid = 1, max(1, train_n // nlist + 1)
+        rows = np.random.default_rng(seed).permutation(self.ntotal)[:train_n] if train_n < self.ntotal else None
+        # A small training (k-means on <= 32*nlist rows, then the PQ codebooks) runs single-threaded: on the
+        # shared 2-core reference CPU the whole 10k-doc build took 12.8-21.5 s with two-threaded training and
+        # 0.8-1.1 s with one thread (docs/benchmarks.md section 3). Large ones (1M docs: 64k rows x 2000
+        # lists) keep the configured threads.
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1 if train_n * nlist < 5e7 else threads)
+        try:
+            index.train(x if rows is None else x[np.sort(rows)])
+        finally:
+            faiss.omp_set_num_threads(threads)
+        index.add(x)
+        self._index, self._ivf = index, ivf
+        self.params.update({"nlist": nlist, "codec": codec, "factory": key})
+        if codec == "pqfs":
+            index.k_factor = float(self.params.get("k_factor") or 4)
+        ivf.nprobe = self._ivf_nprobe(nlist)
+        target = self.params.get("target_recall", 0.96)
+        if self.params.get("nprobe") is None and target is not None:
             ladder = sorted({min(nlist, max(1, round(max(1.0, nlist / 128) * 1.25**i))) for i in range(60)})
-            self._calibrate(xt, "nprobe", ladder, lambda v: setattr(index, "nprobe", v))
-        self.params["nprobe"] = index.nprobe
+            while True:  # pqfs: 4x more re-ranked candidates when even nprobe = nlist misses the target
+                self._calibrate(torch.from_numpy(x), "nprobe", ladder, lambda v: setattr(ivf, "nprobe", v))
+                if codec != "pqfs" or self.params.get("calib_recall", target) >= target or index.k_factor >= 256 \
+                        or self.params.get("k_factor") is not None:
+                    break
+                index.k_factor *= 4
+        self.params["nprobe"] = ivf.nprobe
+        if codec == "pqfs":
+            self.params["k_factor"] = int(index.k_factor)
 
     def _build_faiss_hnsw(self, vectors: Array) -> None:
         faiss = _faiss()
@@ -360,64 +399,10 @@ class KnnIndex:
             return exact_knn_torch(self._bank, _to_tensor(q), kk, chunk=int(self.params.get("chunk", 4096)),
                                    dtype=self.params.get("dtype"))
         x = _to_numpy_f32(q)
-        if self.backend == "faiss-ivf":
-            assert self._centroids is not None
-            dq, iq = coarse_assign(torch.from_numpy(x), self._centroids, self._index.nprobe)
-            if x.shape[0] * self._index.nprobe >= LIST_MAJOR_MIN_QUERIES * self._index.nlist:
-                return self._ivf_search_list_major(torch.from_numpy(x), iq, kk)
-            s, i = self._index.search_preassigned(x, kk, iq.numpy(), dq.numpy())
-        else:
-            if self.backend == "faiss-hnsw":
-                self._index.hnsw.efSearch = max(int(self.params["ef_search"]), kk)
-            s, i = self._index.search(x, kk)
+        if self.backend == "faiss-hnsw":
+            self._index.hnsw.efSearch = max(int(self.params["ef_search"]), kk)
+        s, i = self._index.search(x, kk)  # many queries at once: FAISS splits them over its OpenMP threads
         return KnnResult(torch.from_numpy(s), torch.from_numpy(i))
-
-    def _ivf_search_list_major(self, q: torch.Tensor, probes: torch.Tensor, k: int) -> KnnResult:
-        """IVF search for many queries at once, list by list: same candidates as FAISS's own scan.
-
-        FAISS scans, for each query, each probed list: memory-bound, every list is re-read once per
-        query. Here all queries probing a list are gathered and scored with one matmul against the
-        list's vectors (read in place from the inverted lists), keeping each (query, probe) pair's
-        top-k; a final top-k merges the ``nprobe`` partial lists of each query. Lists are split over
-        ``torch.get_num_threads()`` Python threads, each running PyTorch single-threaded: the
-        process-wide PyTorch thread count is set to 1 for the duration of the scan.
-        """
-        faiss, invlists = _faiss(), self._index.invlists
-        nq, nprobe = probes.shape
-        cand_s = torch.full((nq, nprobe, k), float("-inf"))
-        cand_i = torch.full((nq, nprobe, k), -1, dtype=torch.long)
-        flat = probes.reshape(-1)
-        order = torch.sort(flat, stable=True).indices
-        ends = torch.cumsum(torch.bincount(flat, minlength=self._index.nlist), 0).tolist()
-        starts = [0] + ends[:-1]
-        qid, slot = order // nprobe, order % nprobe
-
-        def scan(lists: range) -> None:
-            for lst in lists:
-                size = invlists.list_size(lst)
-                if ends[lst] == starts[lst] or size == 0:
-                    continue
-                codes = faiss.rev_swig_ptr(invlists.get_codes(lst), size * self.dim * 4)
-                vecs = torch.from_numpy(codes.view(np.float32).reshape(size, self.dim))
-                ids = torch.from_numpy(faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy())
-                qs, sl = qid[starts[lst]:ends[lst]], slot[starts[lst]:ends[lst]]
-                kk = min(k, size)
-                v, i = (q[qs] @ vecs.T).topk(kk, dim=1)
-                cand_s[qs, sl, :kk] = v  # each (query, probe) pair belongs to one list: no write races
-                cand_i[qs, sl, :kk] = ids[i]
-
-        # Many small matmuls: one PyTorch thread each, lists split over a pool of Python threads.
-        workers = max(1, torch.get_num_threads())
-        saved = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            nlist = self._index.nlist
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(scan, [range(w, nlist, workers) for w in range(workers)]))
-        finally:
-            torch.set_num_threads(saved)
-        v, j = cand_s.view(nq, -1).topk(k, dim=1)
-        return KnnResult(v, cand_i.view(nq, -1).gather(1, j))
 
     def search(self, queries: Array, k: int, exclude_ids: Optional[Array] = None,
                batch_size: int = SEARCH_BATCH) -> KnnResult:

@@ -11,10 +11,25 @@ The graph and the transition matrix follow the G-Loss authors' published code:
 
 Everything here is plain PyTorch and differentiable with respect to the embeddings.
 
-Degenerate graphs. With a tiny sigma every kernel weight underflows to 0, and top-k can cut a
-hidden node off from every labelled node. A hidden node with no path to a labelled node has no
-harmonic solution (``I - T_UU`` is singular on its component); such rows receive the **class
-prior of the visible nodes** (the fraction of visible nodes in each class) and carry no gradient.
+Unreachable hidden nodes. A hidden node that is (effectively) unreachable from the labelled nodes
+gets the **class prior of the visible nodes** (the fraction of visible nodes in each class, extra
+labelled nodes included) as its row of ``F_U``, exactly, with no gradient. Reachability is decided
+on the transition matrix ``T``: a hidden node is reachable when a path of transitions, each above
+``tau = sqrt(eps)`` of the computation dtype (1.5e-8 in float64, 3.5e-4 in float32), leads from it to
+a labelled node. So a node is unreachable when
+
+* no path of non-zero weights links it to a labelled node (with a tiny sigma every kernel weight
+  underflows to 0; top-k can cut a group off), or
+* its only links towards the labelled nodes are transitions below ``tau`` (e.g. a tight group of
+  hidden near-duplicates far from every labelled node). ``I - T_UU`` cannot be solved accurately for
+  such a group: an escape probability ``p`` leaves about ``eps / p`` of error, and below ~``eps`` the
+  solve returns rows of 1e-35 or 1e40 instead of probabilities.
+
+Unreachable nodes then act like labelled nodes carrying the prior: the reachable nodes ``G`` are
+solved with those rows as fixed boundary values, ``F_G = (I - T_GG)^-1 (T_GL Y_L + T_GB prior)``, so
+every row of ``F_U`` sums to 1 and gradients are those of this well-conditioned system. As a last
+guard, a solved row that is not finite or does not sum to 1 within ``tau`` (in exact arithmetic it
+sums to exactly 1) also marks its node as unreachable and the rest is solved again.
 """
 from __future__ import annotations
 
@@ -85,11 +100,12 @@ def transition_matrix(w: Tensor, authors_eps: bool = False) -> Tensor:
     return _safe_div(t, t.sum(dim=1, keepdim=True))
 
 
-def reachable_from_labelled(t_ul: Tensor, t_uu: Tensor) -> Tensor:
-    """Boolean mask of hidden nodes that have a path (in ``T``) to some labelled node."""
+def reachable_from_labelled(t_ul: Tensor, t_uu: Tensor, threshold: float = 0.0) -> Tensor:
+    """Boolean mask of hidden nodes that have a path to some labelled node along transitions ``T_ij``
+    greater than ``threshold``."""
     with torch.no_grad():
-        reach = (t_ul > 0).any(dim=1)
-        step = (t_uu > 0).to(torch.float32)
+        reach = (t_ul > threshold).any(dim=1)
+        step = (t_uu > threshold).to(torch.float32)
         while True:
             new = reach | (step @ reach.to(torch.float32) > 0)
             if torch.equal(new, reach):
@@ -97,43 +113,60 @@ def reachable_from_labelled(t_ul: Tensor, t_uu: Tensor) -> Tensor:
             reach = new
 
 
-def _solve(t_uu: Tensor, rhs: Tensor, prior: Tensor) -> Tensor:
-    """``(I - T_UU)^-1 rhs``. A hidden group whose links to the labelled nodes are so weak that
-    ``I - T_UU`` is singular in floating point (e.g. near-duplicate hidden documents far from every
-    labelled one) is solved with a 1e-9 ridge instead of raising; rows that still come out
-    non-finite get the class prior."""
+def _solve(t_uu: Tensor, rhs: Tensor) -> Tensor:
+    """``(I - T_UU)^-1 rhs``; where ``I - T_UU`` is exactly singular in floating point, the solution with a
+    1e-9 ridge (its rows of nodes the plain system cannot resolve are then far from summing to 1)."""
     eye = torch.eye(t_uu.shape[0], dtype=t_uu.dtype, device=t_uu.device)
     sol, info = torch.linalg.solve_ex(eye - t_uu, rhs)
     if int(info) != 0:
         sol = torch.linalg.solve_ex((1 + 1e-9) * eye - t_uu, rhs)[0]
-        bad = ~torch.isfinite(sol).all(dim=1, keepdim=True)
-        sol = torch.where(bad, prior.expand_as(sol), sol)
     return sol
+
+
+def reachability_threshold(dtype: torch.dtype) -> float:
+    """``tau = sqrt(eps)`` of ``dtype``: the smallest transition that counts for reachability, and how far a
+    solved row's sum may be from 1 (see the module docstring)."""
+    return torch.finfo(dtype).eps ** 0.5
 
 
 def propagate(t: Tensor, y_l: Tensor, visible: Tensor) -> Tensor:
     """Harmonic solution ``F_U = (I - T_UU)^-1 T_UL Y_L`` for the hidden rows of ``t``.
 
-    ``t`` is an n x n transition matrix, ``y_l`` the |L| x C one-hot (or soft) labels of the
-    visible nodes in their original order, ``visible`` a boolean mask over the n nodes. Returns the
-    |U| x C scores of the hidden nodes in their original order. Hidden nodes with no path to a
-    labelled node get the class prior of the visible nodes.
+    ``t`` is an n x n row-stochastic transition matrix (rows of isolated nodes may be 0), ``y_l`` the
+    |L| x C one-hot (or probability) labels of the visible nodes in their original order (rows sum to 1),
+    ``visible`` a boolean mask over the n nodes. Returns the |U| x C scores of the hidden nodes in their
+    original order. Hidden nodes that are unreachable from the labelled nodes -- no path of transitions
+    above :func:`reachability_threshold`, or a solved row that does not sum to 1 within it -- get the
+    class prior of the visible nodes, and the other hidden nodes are solved with those rows fixed at
+    the prior (see the module docstring).
     """
     hid = ~visible
     t_ul = t[hid][:, visible]
     t_uu = t[hid][:, hid]
-    reach = reachable_from_labelled(t_ul, t_uu)
-    prior = (y_l.sum(dim=0) / y_l.sum()).to(t.dtype)
+    y_l = y_l.to(t.dtype)
+    prior = y_l.sum(dim=0) / y_l.sum()
     n_u = t_uu.shape[0]
-    if bool(reach.all()):
-        return _solve(t_uu, t_ul @ y_l.to(t.dtype), prior)
-    # "+ 0 * t.sum()" keeps the result attached to the graph (zero gradient) when nothing is reachable.
-    out = prior.expand(n_u, -1) + 0.0 * t.sum()
-    if bool(reach.any()):
-        r = reach.nonzero().squeeze(1)
-        sub = _solve(t_uu[r][:, r], t_ul[r] @ y_l.to(t.dtype), prior)
-        out = out.index_put((r,), sub)
-    return out
+    tol = reachability_threshold(t.dtype)
+    active = reachable_from_labelled(t_ul, t_uu, tol)
+    base = t_ul @ y_l
+    while True:
+        r = active.nonzero().squeeze(1)
+        if r.numel() == 0:
+            # "+ 0 * t.sum()" keeps the result attached to the graph (zero gradient) when nothing is reachable.
+            return prior.expand(n_u, -1) + 0.0 * t.sum()
+        rhs = base[r]
+        fixed = (~active).nonzero().squeeze(1)
+        if fixed.numel():
+            rhs = rhs + t_uu[r][:, fixed].sum(dim=1, keepdim=True) * prior
+        sol = _solve(t_uu[r][:, r], rhs)
+        mass = sol.detach().sum(dim=1)
+        bad = ~torch.isfinite(mass) | ((mass - 1).abs() > tol)
+        if not bool(bad.any()):
+            break
+        active[r[bad]] = False
+    if r.numel() == n_u:
+        return sol
+    return (prior.expand(n_u, -1) + 0.0 * t.sum()).index_put((r,), sol)
 
 
 def check_mask(visible: Tensor, n: int) -> Tensor:
@@ -172,9 +205,9 @@ def label_propagation(
             edges to nodes from outside the batch).
 
     Returns:
-        |U| x C tensor: for each hidden row (in original order) its propagated class scores. For a
-        hidden node connected to the labelled set the row sums to 1; a node with no path to any
-        labelled node gets the visible nodes' class prior.
+        |U| x C tensor: for each hidden row (in original order) its propagated class scores, a row
+        that sums to 1. A node unreachable from the labelled set (no path of non-zero weights, or
+        links too weak for the dtype; see the module docstring) gets the visible nodes' class prior.
 
     Example:
         >>> import torch
