@@ -49,6 +49,8 @@ HELP = {
     "pseudo_confidence": "global graph with --label-fraction < 1: an unlabelled neighbour joins with its pseudo-label "
                          "only if the label's share of its spread scores is at least this (0 = all)",
     "workers": "Ray Train workers (one per GPU with --gpu)",
+    "cpus_per_worker": "CPUs each worker reserves; its PyTorch threads (default: 1 with --gpu, else the "
+                       "machine's CPUs shared by the workers)",
     "max_steps": "stop after this many optimiser steps in all, mid-epoch if need be (schedules end there)",
     "storage": "where runs are written: a folder or s3://... / gs://... (Ray storage_path)",
     "name": "run name; re-use it with the same --storage to resume",

@@ -152,6 +152,14 @@ def _dataset(corpus, split, tokenizer, cfg):
     return ds.add_column("index", list(range(len(frame))), new_fingerprint=fp + "i")
 
 
+def _peak_rss_kib() -> int:
+    """This process's peak resident set size so far (``ru_maxrss``; KiB on Linux, bytes on macOS)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss // 1024 if sys.platform == "darwin" else rss
+
+
 def _default_cache() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "gloss_ray", "tokens")
 
@@ -312,7 +320,10 @@ def train(cfg: TrainConfig, session) -> dict:
     C = corpus.num_classes
     tokenizer = load_tokenizer(cfg.model)
     collate = PadCollator(tokenizer.pad_token_id)
+    tok_s = {}  # issue 13: seconds per split to tokenise (or load from the tokenisation cache), this rank
+    t_tok = time.perf_counter()
     train_ds = full_train_ds = _dataset(corpus, "train", tokenizer, cfg)
+    tok_s["train"] = time.perf_counter() - t_tok
     train_labels = true_train_labels = np.asarray(train_ds["label"])
     known_labels = true_train_labels.copy()
     if cfg.label_fraction < 1.0:
@@ -321,7 +332,13 @@ def train(cfg: TrainConfig, session) -> dict:
         train_labels = train_labels[known]
         known_labels[np.setdiff1d(np.arange(len(known_labels)), known)] = -1
         log(f"[gloss-ray] low-label setting: {len(known)} of {len(corpus.splits['train'])} training labels known")
-    eval_sets = {s: _dataset(corpus, s, tokenizer, cfg) for s in ("validation", "test") if s in corpus.splits}
+    eval_sets = {}
+    for s in ("validation", "test"):
+        if s in corpus.splits:
+            t_tok = time.perf_counter()
+            eval_sets[s] = _dataset(corpus, s, tokenizer, cfg)
+            tok_s[s] = time.perf_counter() - t_tok
+    log("[gloss-ray] tokenisation: " + ", ".join(f"{k} {v:.1f}s" for k, v in tok_s.items()))
     sampler = GlobalBatchSampler(train_labels.tolist(), cfg.batch_size, world, rank, seed=cfg.seed,
                                  balanced=cfg.balanced_batches)
     train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
@@ -481,7 +498,7 @@ def train(cfg: TrainConfig, session) -> dict:
              "skipped_steps": state["skipped_steps"], "num_workers": world, "device": device.type,
              "cpu_threads": torch.get_num_threads(),
              "global_graph": cfg.global_k > 0, "label_fraction": cfg.label_fraction,
-             "num_classes": C, "train_docs": len(train_ds)}
+             "num_classes": C, "train_docs": len(train_ds), "tokenize_s": tok_s}
     test_emb = test_labels = None
     if "test" in eval_sets:
         test_ds = eval_sets["test"]
@@ -489,6 +506,8 @@ def train(cfg: TrainConfig, session) -> dict:
         test, _, test_emb = evaluate(model, test_ds, test_labels, cfg, collate, device, want_embeddings=True)
         final.update(test_accuracy=test["accuracy"], test_macro_f1=test["macro_f1"])
         final["silhouette"] = silhouette(test_emb, test_labels, seed=cfg.seed) if rank == 0 else None
+    # issue 13: each worker's peak resident memory (ru_maxrss: KiB on Linux), in rank order
+    final["peak_rss_mb_per_worker"] = [r / 1024 for r in D.gather_objects(_peak_rss_kib())]
     final["train_wall_time_s"] = state["elapsed_s"]
     final["wall_time_s"] = time.time() - t_start
     if rank == 0:

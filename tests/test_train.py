@@ -217,3 +217,23 @@ def test_max_steps_ends_the_run_mid_epoch(data_dir, tiny_model_dir, tmp_path):
     assert final["epochs_run"] == 1 and [int(r["epoch"]) for r in rows] == [1]
     state = json.loads((tmp_path / "bounded" / "local_checkpoint" / "state.json").read_text())
     assert state["global_step"] == 4
+
+
+def test_run_reports_tokenisation_memory_and_bank_bytes(data_dir, tiny_model_dir, tmp_path):
+    """Issue 13's measurements: tokenisation seconds per split and each worker's peak RSS in metrics.json,
+    the bank's and the index's bytes in the refresh diagnostics (history.csv)."""
+    from gloss_ray.train_loop import LocalSession, train
+
+    cfg = TrainConfig(benchmark="mr", data_dir=str(data_dir), model=tiny_model_dir, loss="gloss", epochs=1,
+                      max_train=96, max_eval=16, max_length=16, batch_size=16, max_steps=2, global_k=4,
+                      progress=False, storage=str(tmp_path), name="measured", cache_dir=str(tmp_path / "tok"))
+    train(cfg, LocalSession(str(tmp_path / "measured")))
+    metrics = json.loads((tmp_path / "measured" / "metrics.json").read_text())
+    assert set(metrics["tokenize_s"]) == {"train", "validation", "test"}
+    assert all(v > 0 for v in metrics["tokenize_s"].values())
+    assert len(metrics["peak_rss_mb_per_worker"]) == 1 and metrics["peak_rss_mb_per_worker"][0] > 10
+    row = next(csv.DictReader(open(tmp_path / "measured" / "history.csv")))
+    # 96 docs x hidden 32: float32 vectors + int64 labels + bool fill flags + int64 known labels
+    assert int(row["bank_bytes"]) == 96 * 32 * 4 + 96 * 8 + 96 + 96 * 8
+    # auto picks exact faiss-flat (96 x 32 float32); without FAISS torch-exact shares the bank's tensor
+    assert int(row["index_bytes"]) in (96 * 32 * 4, 0)
