@@ -428,7 +428,8 @@ class GlobalBatchSampler:
     * every class gets ``B // C`` or ``B // C + 1`` positions (so >= 2 each when ``B >= 2*C``),
       or all its members when it has fewer;
     * any contiguous run of ``w`` positions - in particular each rank's slice - holds every class
-      ``w // C`` or ``w // C + 1`` times (round robin), so per-worker graphs are balanced too;
+      ``w // C`` or ``w // C + 1`` times (round robin), so per-worker graphs are balanced too, as
+      long as no class has fewer members than its share;
     * no document appears twice in a batch: a class with fewer members than its share of
       positions contributes each member once and its spare positions go to the other classes
       (round robin over those); each class is drawn from its own reshuffled cycle, so small classes
