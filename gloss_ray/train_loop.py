@@ -411,7 +411,9 @@ def train(cfg: TrainConfig, session) -> dict:
             log(f"[gloss-ray] global graph ({diag['graph_backend']}): refresh {diag['refresh_s']:.1f}s (encode "
                 f"{diag['encode_s']:.1f}s, index {diag['index_s']:.2f}s, search {diag['search_s']:.2f}s), recall@{cfg.global_k} "
                 f"{diag['recall_at_k']:.3f}, homophily {diag['homophily']:.3f}"
-                + (f", pseudo-label acc {diag['pseudo_label_accuracy']:.3f}" if "pseudo_label_accuracy" in diag else ""))
+                + (f", pseudo-label acc {diag['pseudo_label_accuracy']:.3f}" if "pseudo_label_accuracy" in diag else "")
+                + f"; index {graph.neighbours.index.params}, bank {diag['bank_bytes'] / 2**20:.0f} MiB, index "
+                f"~{diag['index_bytes'] / 2**20:.0f} MiB, peak RSS so far {_peak_rss_kib() / 1024:.0f} MB")
         model.train()
         sampler.set_epoch(epoch)
         sums = np.zeros(4)  # total, ce, aux, steps
