@@ -1,4 +1,4 @@
-"""Ray's own overhead: the same fine-tuning loop (gloss_ray.train_loop.train) run through Ray Train with
+"""Ray's own overhead: the same fine-tuning loop (gloss_ray.train.loop.train) run through Ray Train with
 one worker, as ``gloss-ray train`` runs it by default, vs in one plain PyTorch process using all the
 machine's threads.
 
@@ -56,7 +56,7 @@ def main() -> None:
     results = {}
 
     # Ray Train, one worker
-    from gloss_ray.trainer import fit, init_ray
+    from gloss_ray.train.launch import fit, init_ray
 
     init_ray(include_dashboard=False)
     cfg = TrainConfig(**base, name="ray", cpus_per_worker=args.ray_cpus)
@@ -66,7 +66,7 @@ def main() -> None:
                       "cpus_per_worker": m["config"]["cpus_per_worker"]}
 
     # plain PyTorch, one process
-    from gloss_ray.train_loop import LocalSession, train
+    from gloss_ray.train.loop import LocalSession, train
 
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(**base, name="plain")

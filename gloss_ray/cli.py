@@ -19,11 +19,11 @@ import dataclasses
 import os
 import shlex
 import sys
-from pathlib import Path
 
 import yaml
 
-from .config import LOSSES, TrainConfig
+from .config import TrainConfig
+from .options import LOSSES
 from .errors import GlossRayError
 
 HELP = {
@@ -141,7 +141,7 @@ def _train_overrides(args) -> dict:
 
 
 def cmd_train(args) -> int:
-    from .trainer import fit
+    from .train.launch import fit
 
     cfg = TrainConfig.from_sources(args.config, _train_overrides(args))
     cfg.extra["command"] = args.command_line     # for the model card

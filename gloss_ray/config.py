@@ -14,12 +14,12 @@ import yaml
 
 from .errors import ConfigError
 from .losses.sigma import SigmaStrategy
+from .options import DEFAULT_MARGIN, OPTIONS, dense_to_none, load_yaml
 from .schedules import Schedule
+from .storage import absolute
 
-LOSSES = ("ce", "gloss", "scl", "triplet", "contrastive")
 # options that name a local file or folder (or a URI); made absolute on the driver by ``resolved``
 PATH_FIELDS = ("data_dir", "train_file", "validation_file", "test_file", "storage", "cache_dir")
-DEFAULT_MARGIN = {"triplet": 5.0, "contrastive": 1.0}
 
 
 @dataclass
@@ -91,49 +91,24 @@ class TrainConfig:
 
     # ------------------------------------------------------------------------------------------
     def validate(self, source: str = "config") -> None:
+        """Check every option against its range in :data:`gloss_ray.options.OPTIONS`, then the
+        rules that tie options together; the first problem raises :class:`ConfigError` naming
+        ``source`` and the option."""
         def bad(key, msg):
             raise ConfigError(f"{source}: {key}: {msg}")
 
-        if self.loss not in LOSSES:
-            bad("loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        for key, option in OPTIONS.items():
+            value = getattr(self, key)
+            try:
+                option.check(value)
+            except ValueError as e:
+                bad(key, f"{e}, got {value!r}")
         if sum(x is not None for x in (self.benchmark, self.train_file, self.hf_dataset)) != 1:
             bad("benchmark", "give exactly one of --benchmark, --train-file or --hf-dataset")
-        if not 0.0 <= self.lam <= 1.0:
-            bad("lam", f"must be in [0, 1], got {self.lam}")
-        if not 0.0 < self.gamma < 1.0:
-            bad("gamma", f"must be in (0, 1), got {self.gamma}")
-        if self.k is not None and self.k < 1:
-            bad("k", f"must be >= 1 or null (dense), got {self.k}")
-        if self.variant not in ("nll", "paper"):
-            bad("variant", f"must be 'nll' or 'paper', got {self.variant!r}")
-        if self.mask not in ("random", "stratified"):
-            bad("mask", f"must be 'random' or 'stratified', got {self.mask!r}")
-        if self.class_weights not in ("balanced", "none"):
-            bad("class_weights", f"must be 'balanced' or 'none', got {self.class_weights!r}")
-        if not 0.0 < self.label_fraction <= 1.0:
-            bad("label_fraction", f"must be in (0, 1], got {self.label_fraction}")
-        for key in ("epochs", "batch_size", "eval_batch_size", "workers", "max_length", "refresh_every"):
-            if int(getattr(self, key)) < 1:
-                bad(key, f"must be >= 1, got {getattr(self, key)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            bad("max_steps", f"must be >= 1 or null, got {self.max_steps}")
         if self.batch_size * self.workers < 2:
             bad("batch_size", "the global batch (batch_size x workers) must hold at least 2 documents")
-        for key in ("lr", "temperature"):
-            if not getattr(self, key) > 0:
-                bad(key, f"must be > 0, got {getattr(self, key)}")
-        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
-            bad("cpus_per_worker", f"must be > 0 or null (automatic), got {self.cpus_per_worker}")
-        if self.head_lr is not None and not self.head_lr > 0:
-            bad("head_lr", f"must be > 0 or null (the same as lr), got {self.head_lr}")
-        if self.margin is not None and self.margin <= 0:
-            bad("margin", f"must be > 0, got {self.margin}")
-        if self.global_k < 0 or self.global_max_nodes < 0 or self.global_weight < 0:
-            bad("global_k", "global_k, global_max_nodes and global_weight must be >= 0")
         if self.global_k > 0 and self.loss != "gloss":
             bad("global_k", "the global graph feeds G-Loss: use it with --loss gloss")
-        if not 0.0 <= self.pseudo_confidence <= 1.0:
-            bad("pseudo_confidence", f"must be in [0, 1], got {self.pseudo_confidence}")
         try:
             SigmaStrategy.parse(self.sigma)
         except ValueError as e:
@@ -162,12 +137,7 @@ class TrainConfig:
         run in other working directories, so a relative ``--storage runs`` would land there.
         URIs (``s3://...``) and hub names are kept; ``model`` becomes absolute when it names an
         existing local folder."""
-        def absolute(value):
-            if value is None or "://" in str(value):
-                return value
-            return os.path.abspath(os.path.expanduser(str(value)))
-
-        changes = {key: absolute(getattr(self, key)) for key in PATH_FIELDS}
+        changes = {key: absolute(getattr(self, key)) for key in PATH_FIELDS if getattr(self, key) is not None}
         if self.model and "://" not in self.model and Path(os.path.expanduser(self.model)).exists():
             changes["model"] = absolute(self.model)
         return dataclasses.replace(self, **changes, extra=dict(self.extra))
@@ -177,22 +147,17 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+        """A validated config from ``{option: value}``; unknown keys and bad values raise
+        :class:`ConfigError` naming ``source`` and the option. ``k: dense`` means None."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
+        cfg = cls.__new__(cls)           # fill, then validate once with ``source`` in the messages
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            setattr(cfg, f.name, dense_to_none(f.name, d.get(f.name, default)))
         try:
-            cfg = cls.__new__(cls)
-            defaults = cls.__dataclass_fields__
-            for name, f in defaults.items():
-                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-                value = d.get(name, default)
-                if str(f.type).startswith("float") and isinstance(value, str):
-                    try:                                # YAML 1.1 reads 1e-4 (no dot) as a string
-                        value = float(value)
-                    except ValueError:
-                        raise ConfigError(f"{source}: {name}: expected a number, got {value!r}") from None
-                setattr(cfg, name, value)
             cfg.validate(source)
         except (TypeError, ValueError) as e:
             if isinstance(e, ConfigError):
@@ -209,7 +174,7 @@ class TrainConfig:
             if not p.exists():
                 raise ConfigError(f"--config: file not found: {p}")
             try:
-                data = yaml.safe_load(p.read_text()) or {}
+                data = load_yaml(p.read_text()) or {}
             except yaml.YAMLError as e:
                 raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from e
             if not isinstance(data, dict):

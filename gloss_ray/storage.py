@@ -26,15 +26,18 @@ def is_uri(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
+def absolute(path: str | os.PathLike) -> str:
+    """A URI as it is; a local path made absolute (``~`` expanded) against the current folder."""
+    path = str(path)
+    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
 def filesystem(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """``(filesystem, path inside it)`` for a local path (made absolute, ``~`` expanded) or a URI."""
-    uri = str(uri)
-    if not is_uri(uri):
-        uri = os.path.abspath(os.path.expanduser(uri))
-    return pafs.FileSystem.from_uri(uri)
+    return pafs.FileSystem.from_uri(absolute(uri))
 
 
-_fs = filesystem  # the older private name
+_fs = filesystem
 
 
 def join(base: str, *parts: str) -> str:
@@ -67,6 +70,14 @@ def remove_checkpoints(run_dir: str) -> int:
             fs.delete_dir(info.path)
             n += 1
     return n
+
+
+def write_json(uri: str, obj) -> None:
+    """Write ``obj`` as indented JSON to a local path or URI (parent folders created)."""
+    fs, path = _fs(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write((json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
 def read_json(uri: str):

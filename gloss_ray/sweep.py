@@ -14,7 +14,7 @@ A sweep folder ``<storage>/<name>`` (default name ``sweep-<timestamp>``) holds::
     report/                                     report.md, report.html, results.csv, results.json
 
 Train V2 + Tune: a trial is a function (:func:`_trial`) that runs its own ``TorchTrainer`` through
-:func:`gloss_ray.trainer.fit` with Tune's ``TuneReportCallback``, which forwards each epoch's row to
+:func:`gloss_ray.train.launch.fit` with Tune's ``TuneReportCallback``, which forwards each epoch's row to
 Tune, so ASHA acts per epoch (``time_attr="epoch"``). The trial function reserves no CPU
 (:data:`TRIAL_RESOURCES`); the Train workers reserve their own, and ``max_concurrent_trials``
 (default: the cluster's GPUs or CPUs divided by what one run takes) bounds how many run at once.
@@ -32,7 +32,6 @@ through but some did not (every trial failed, or a run failed) -- both printed a
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
@@ -46,7 +45,7 @@ from ray.tune import Callback
 
 from .config import TrainConfig
 from .errors import ConfigError
-from .storage import exists, join, read_json, remove_checkpoints
+from .storage import absolute, exists, join, read_json, remove_checkpoints, write_json
 
 PREFIX = "[gloss-ray]"
 ASHA_REDUCTION = 4   # ASHA keeps the best 1/4 of the trials at each rung (Ray's default)
@@ -117,7 +116,7 @@ def base_configs(args, benchmarks: list[str], losses: list[str]) -> dict[tuple, 
     ``@F`` sets ``label_fraction``. Bad options, a missing benchmark or model fail here, in one
     line, before any run starts."""
     from .download import find_or_download
-    from .trainer import preflight
+    from .train.launch import preflight
 
     overrides = {"workers": args.workers, **({"gpu": True} if args.gpu else {}), **parse_sets(args.set)}
     bases = {}
@@ -268,7 +267,7 @@ def _trial(config: dict, base: dict, registry: str, exp_dir: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .spaces import decode_params
-    from .trainer import fit
+    from .train.launch import fit
 
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
@@ -304,7 +303,7 @@ class _SearchCallback(Callback):
         self.label, self.total, self.epochs, self.registry = label, total, epochs, registry
 
     def _end(self, trials, trial, errored: bool) -> None:
-        _write_json(join(trial.path, ENDED), {"status": "ERROR" if errored else "TERMINATED",
+        write_json(join(trial.path, ENDED), {"status": "ERROR" if errored else "TERMINATED",
                                               "epoch": trial.last_result.get("epoch")})
         n = dict.fromkeys(STATUSES, 0)
         for t in trials:
@@ -362,15 +361,6 @@ def best_trial(records: list[dict], mode: str) -> dict | None:
     """The non-errored trial with the best ``best_metric``, or None."""
     ok = [t for t in records if t["status"] != "ERROR" and t.get("best_metric") is not None]
     return (max if mode == "max" else min)(ok, key=lambda t: t["best_metric"]) if ok else None
-
-
-def _write_json(uri: str, obj) -> None:
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))
-    fs.create_dir(os.path.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write((json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
 def _max_epochs(spec: dict, base_epochs: int) -> int:
@@ -456,7 +446,7 @@ def run_search(sweep_dir: str, benchmark: str, loss: str, base: dict, space, arg
         raise KeyboardInterrupt
     records = trial_records(results, benchmark, loss, epochs, space.metric, space.mode,
                             "gpu" if base["gpu"] else "cpu", base["workers"])
-    _write_json(trials_file, records)
+    write_json(trials_file, records)
     if not getattr(args, "keep_checkpoints", False):     # every trial has ended: nothing will resume them
         try:
             removed = sum(remove_checkpoints(join(r.path, "run")) for r in results if r.path)
@@ -481,11 +471,11 @@ def run_many(jobs: list[tuple[str, TrainConfig]], concurrency: int, keep_checkpo
     """Run ``(label, cfg)`` jobs with ``fit``, ``concurrency`` at a time; a job whose metrics.json
     exists is skipped, a failed one is reported and the others go on; a finished job's checkpoint
     folders are removed unless ``keep_checkpoints`` (its model/ and metrics stay). Returns the failures."""
-    from .trainer import fit, storage_root
+    from .train.launch import fit
 
     todo, skipped, done, failed = [], 0, 0, 0
     for label, cfg in jobs:
-        if exists(join(storage_root(cfg.storage), cfg.name, "metrics.json")):
+        if exists(join(absolute(cfg.storage), cfg.name, "metrics.json")):
             skipped += 1
             log(f"{label}: skipped (metrics.json exists)")
         else:
@@ -502,7 +492,7 @@ def run_many(jobs: list[tuple[str, TrainConfig]], concurrency: int, keep_checkpo
                 done += 1
                 if not keep_checkpoints:
                     try:
-                        remove_checkpoints(join(storage_root(cfg.storage), cfg.name))
+                        remove_checkpoints(join(absolute(cfg.storage), cfg.name))
                     except OSError as e:                      # the run itself succeeded
                         log(f"{label}: could not remove its checkpoints: {_last_line(e)}")
                 log(f"{label}: test acc {m.get('test_accuracy', math.nan):.4f} "
@@ -539,7 +529,7 @@ def default_concurrency(args, base: dict) -> int:
 
 def fill_cpus(bases: dict, concurrency: int) -> None:
     """Automatic ``cpus_per_worker`` of CPU runs: the machine's CPUs shared by ``concurrency`` runs."""
-    from .trainer import auto_cpus_per_worker
+    from .train.launch import auto_cpus_per_worker
 
     for base in bases.values():
         if base["cpus_per_worker"] is None and not base["gpu"]:
@@ -563,7 +553,7 @@ def _report(sweep_dir: str) -> None:
 def main(args) -> int:
     """``gloss-ray tune`` / ``gloss-ray bench`` (see the module docstring); returns the exit status."""
     from .spaces import load_space
-    from .trainer import init_ray, storage_root
+    from .train.launch import init_ray
 
     benchmarks, losses = _split(args.benchmarks), _split(args.losses)
     if args.seeds < 1:
@@ -583,7 +573,7 @@ def main(args) -> int:
                                   "search put global_k / label_fraction in --set or the space file")
             space.for_run(b, l)                     # unknown benchmark, or loss not in the space
     name = args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    sweep_dir = join(storage_root(args.storage), name)
+    sweep_dir = join(absolute(args.storage), name)
     log(f"{args.command} {', '.join(benchmarks)} x {', '.join(losses)} -> {sweep_dir}")
     log(f"to resume after an interruption, run the same command with --name {name} --storage {args.storage}")
     init_ray()

@@ -40,7 +40,7 @@ def test_yaml_exponent_without_dot_is_read_as_a_number(tmp_path):
 
 
 def test_a_word_where_a_number_is_meant_names_the_key():
-    with pytest.raises(ConfigError, match="lr: expected a number, got 'fast'"):
+    with pytest.raises(ConfigError, match="lr: must be a number > 0, got 'fast'"):
         TrainConfig.from_dict({"benchmark": "mr", "lr": "fast"})
     with pytest.raises(ConfigError, match="head_lr"):
         TrainConfig.from_dict({"benchmark": "mr", "head_lr": 0})
@@ -93,7 +93,7 @@ def test_head_has_its_own_learning_rate_and_every_parameter_one_group(tiny_model
     import torch
 
     from gloss_ray.model import TextClassifier
-    from gloss_ray.train_loop import param_groups
+    from gloss_ray.train.loop import param_groups
 
     model = TextClassifier.from_encoder(tiny_model_dir, 3)
     cfg = TrainConfig(benchmark="mr", lr=1e-4, head_lr=3e-3)

@@ -346,7 +346,7 @@ def test_random_labels_give_chance_accuracy_on_hidden_nodes(fraction, use_global
     # or the extra nodes (real lookup + propagation). Before: 0.38 at 50% and 0.55 at 20% known labels.
     from gloss_ray.losses import label_propagation
     from gloss_ray.losses.gloss import random_mask
-    from gloss_ray.train_loop import known_label_subset
+    from gloss_ray.train.loop import known_label_subset
 
     n, c, batch = 2000, 4, 64
     emb = unit(n, 16, seed=0)

@@ -111,7 +111,7 @@ def test_train_reads_data_from_s3_and_writes_outputs_to_s3(ray_local, bucket, ti
 
 
 def test_failed_run_resumes_from_its_checkpoint_on_s3(ray_local, bucket, tiny_model_dir, tmp_path):
-    from gloss_ray.trainer import fit
+    from gloss_ray.train.launch import fit
 
     files = _splits(bucket)
     storage = f"{bucket}/runs"

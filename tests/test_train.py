@@ -13,7 +13,7 @@ import torch
 from gloss_ray import cli
 from gloss_ray.config import TrainConfig
 from gloss_ray.losses import GLoss, WeightedCrossEntropy
-from gloss_ray.train_loop import step_objective
+from gloss_ray.train.loop import step_objective
 
 pytestmark = pytest.mark.ray
 
@@ -55,7 +55,7 @@ def _ddp_worker(config):
     import ray.train.torch
     import torch.distributed as dist
 
-    from gloss_ray.train_loop import seed_rank_streams
+    from gloss_ray.train.loop import seed_rank_streams
 
     rank, world = dist.get_rank(), dist.get_world_size()
     out = {}
@@ -102,7 +102,7 @@ def test_two_workers_of_64_equal_one_process_of_128(ray_local):
 
 
 def test_rank_zero_keeps_the_run_seed_for_dropout():
-    from gloss_ray.train_loop import seed_rank_streams
+    from gloss_ray.train.loop import seed_rank_streams
 
     masks = []
     for rank in (0, 0, 1, 2):
@@ -146,7 +146,7 @@ def test_train_cli_two_workers_real_minilm(ray_local, data_dir, tmp_path, capsys
 
 
 def test_interrupted_run_resumes_with_one_history_row_per_epoch(ray_local, data_dir, tiny_model_dir, tmp_path):
-    from gloss_ray.trainer import fit
+    from gloss_ray.train.launch import fit
 
     marker = tmp_path / "failed-once"
     cfg = TrainConfig(benchmark="mr", data_dir=str(data_dir), model=tiny_model_dir, loss="gloss", epochs=3,
@@ -189,7 +189,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, data_dir):
 
 
 def test_two_worker_run_with_global_graph_logs_diagnostics(ray_local, data_dir, tiny_model_dir, tmp_path):
-    from gloss_ray.trainer import fit
+    from gloss_ray.train.launch import fit
 
     cfg = TrainConfig(benchmark="r8", data_dir=str(data_dir), model=tiny_model_dir, loss="gloss", epochs=2, workers=2,
                       max_train=160, max_eval=48, max_length=32, batch_size=16, global_k=8, global_max_nodes=64,
@@ -207,7 +207,7 @@ def test_two_worker_run_with_global_graph_logs_diagnostics(ray_local, data_dir, 
 
 def test_max_steps_ends_the_run_mid_epoch(data_dir, tiny_model_dir, tmp_path):
     """--max-steps bounds a run (large corpora): the epoch ends there, and the run with it."""
-    from gloss_ray.train_loop import LocalSession, train
+    from gloss_ray.train.loop import LocalSession, train
 
     cfg = TrainConfig(benchmark="mr", data_dir=str(data_dir), model=tiny_model_dir, loss="gloss", epochs=3,
                       max_train=96, max_eval=16, max_length=16, batch_size=16, max_steps=4, progress=False,
@@ -222,7 +222,7 @@ def test_max_steps_ends_the_run_mid_epoch(data_dir, tiny_model_dir, tmp_path):
 def test_run_reports_tokenisation_memory_and_bank_bytes(data_dir, tiny_model_dir, tmp_path):
     """Issue 13's measurements: tokenisation seconds per split and each worker's peak RSS in metrics.json,
     the bank's and the index's bytes in the refresh diagnostics (history.csv)."""
-    from gloss_ray.train_loop import LocalSession, train
+    from gloss_ray.train.loop import LocalSession, train
 
     cfg = TrainConfig(benchmark="mr", data_dir=str(data_dir), model=tiny_model_dir, loss="gloss", epochs=1,
                       max_train=96, max_eval=16, max_length=16, batch_size=16, max_steps=2, global_k=4,

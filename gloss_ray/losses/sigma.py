@@ -26,6 +26,8 @@ from .propagation import l2_normalise
 Tensor = torch.Tensor
 
 KINDS = ("fixed", "root", "dicm", "batch")
+# what a user writes for sigma besides a number (a fixed value): ``batch-dicm`` is ``batch`` with the dicm heuristic
+NAMES = ("root", "dicm", "batch", "batch-dicm")
 
 
 def _pair_distances(x: Tensor) -> Tensor:

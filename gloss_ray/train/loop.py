@@ -24,14 +24,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from . import distributed as D
-from .config import TrainConfig
-from .data import GlobalBatchSampler, PadCollator, load_corpus, shard_indices, tokenize_split
-from .losses import (BatchAllTripletLoss, ContrastiveLoss, GLoss, SupConLoss, WeightedCrossEntropy,
+from .. import distributed as D
+from ..config import TrainConfig
+from ..data import GlobalBatchSampler, PadCollator, load_corpus, shard_indices, tokenize_split
+from ..losses import (BatchAllTripletLoss, ContrastiveLoss, GLoss, SupConLoss, WeightedCrossEntropy,
                      balanced_class_weights, combined_objective)
-from .metrics import classification_metrics, silhouette
-from .model import TextClassifier, load_tokenizer, unwrap
-from .schedules import Schedule, int_schedule_value
+from ..metrics import classification_metrics, silhouette
+from ..model import TextClassifier, load_tokenizer, unwrap
+from ..schedules import Schedule, int_schedule_value
 
 # Testing hook (env var or cfg.extra["fail_once_after_epoch"]): "EPOCH:MARKER_FILE" makes rank 0 raise
 # once, right after EPOCH's checkpoint, to exercise resume.
@@ -361,7 +361,7 @@ def train(cfg: TrainConfig, session) -> dict:
         aux_fn = aux_fn.to(device)
     graph = None
     if cfg.global_k > 0:
-        from .graph.global_graph import GlobalGraph
+        from ..graph.global_graph import GlobalGraph
 
         graph = GlobalGraph(len(full_train_ds), unwrap(model).encoder.config.hidden_size, known_labels,
                             true_train_labels, C, cfg.global_k, cfg.global_max_nodes, cfg.index, device,
@@ -523,9 +523,9 @@ def train(cfg: TrainConfig, session) -> dict:
 def write_outputs(cfg, run_dir, final, history, model, tokenizer, label_names, test_emb, test_labels) -> None:
     import csv
 
-    from . import plots
-    from .model_card import write_model_card
-    from .storage import staged_output
+    from .. import plots
+    from ..model_card import write_model_card
+    from ..storage import staged_output
 
     final = {**final, "config": cfg.to_dict(), "stage": cfg.extra.get("stage", "final")}
     with staged_output(run_dir) as out:

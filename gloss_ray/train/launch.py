@@ -1,14 +1,13 @@
-"""The Ray layer: launch ``train_loop.train`` on a Ray Train ``TorchTrainer`` (DDP over N workers).
+"""The Ray layer: launch ``gloss_ray.train.loop.train`` on a Ray Train ``TorchTrainer`` (DDP over N workers).
 
 Re-running with the same ``--storage`` and ``--name`` resumes from the run's latest checkpoint.
 """
 from __future__ import annotations
 
-import os
 
-from .config import TrainConfig
-from .errors import GlossRayError
-from .storage import exists, join, read_json
+from ..config import TrainConfig
+from ..errors import GlossRayError
+from ..storage import exists, join, read_json
 
 
 def init_ray(**kwargs) -> None:
@@ -31,14 +30,10 @@ def init_ray(**kwargs) -> None:
             auth.setLevel(level)
 
 
-def storage_root(storage: str) -> str:
-    return storage if "://" in storage else os.path.abspath(os.path.expanduser(storage))
-
-
 def preflight(cfg: TrainConfig) -> None:
     """Check the data and model on the driver, so bad input fails in one line before Ray starts."""
-    from .data import load_corpus
-    from .model import resolve_model_path
+    from ..data import load_corpus
+    from ..model import resolve_model_path
 
     resolve_model_path(cfg.model)
     load_corpus(cfg.benchmark, data_dir=cfg.data_dir, train_file=cfg.train_file, validation_file=cfg.validation_file,
@@ -59,7 +54,7 @@ def auto_cpus_per_worker(workers: int, runs_at_once: int = 1) -> float:
 def _worker(config: dict) -> None:
     import torch
 
-    from .train_loop import RaySession, train
+    from .loop import RaySession, train
 
     cfg = TrainConfig.from_dict(config)
     # PyTorch's intra-op threads = the CPUs this worker reserved (Ray's OMP_NUM_THREADS default is
@@ -79,7 +74,7 @@ def fit(cfg: TrainConfig, callbacks: list | None = None) -> dict:
 
     cfg = cfg.resolved()             # paths as the user meant them: workers run in other folders
     if cfg.benchmark:
-        from .download import find_or_download
+        from ..download import find_or_download
 
         # found (or downloaded) once, here; pinned: workers may not share the driver's env
         cfg.data_dir = str(find_or_download(cfg.benchmark, cfg.data_dir))

@@ -1,0 +1,1 @@
+"""Fine-tuning: the per-worker loop (``loop``) and its Ray Train launcher (``launch.fit``)."""
