@@ -66,7 +66,8 @@ def main() -> None:
                       "cpus_per_worker": m["config"]["cpus_per_worker"]}
 
     # plain PyTorch, one process
-    from gloss_ray.train.loop import LocalSession, train
+    from gloss_ray.train.loop import train
+    from gloss_ray.train.session import LocalSession
 
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(**base, name="plain")

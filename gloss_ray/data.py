@@ -8,7 +8,6 @@
 * :class:`PadCollator` pads a batch to its longest sequence (dynamic padding).
 * :class:`GlobalBatchSampler` cuts one seeded ordering per epoch into *global* batches and hands
   each Ray worker its slice, so N workers x B/N examples see exactly the batches 1 worker x B sees.
-  :func:`shard_indices` splits an evaluation set into contiguous per-worker shards.
 
 Every problem with the input data raises :class:`~gloss_ray.errors.DataError` with a one-line
 message naming the file, the row (1-based data row, header not counted), column, label or option.
@@ -31,14 +30,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .losses.cross_entropy import balanced_class_weights  # noqa: F401  (re-exported)
 
 from .errors import DataError
+from .options import BENCHMARKS
 from .storage import file_info, is_file, is_uri, join, object_fingerprint, open_input
 
 log = logging.getLogger(__name__)
 
-BENCHMARKS = ("mr", "r8", "r52", "ohsumed", "20ng")
 SPLITS = ("train", "validation", "test")
 
 VALIDATION_FRACTION = 0.1  # share of train carved out when no validation split is given
@@ -534,15 +532,3 @@ class GlobalBatchSampler:
         lo = self.rank * self.per_worker_batch
         for batch in self.global_batches():
             yield batch[lo:lo + self.per_worker_batch].tolist()
-
-
-def shard_indices(n: int, world_size: int, rank: int) -> list[int]:
-    """Contiguous evaluation shard of ``range(n)`` for ``rank``: shards in rank order cover every
-    index exactly once (the first ``n % world_size`` ranks get one extra), no padding."""
-    if world_size < 1 or not 0 <= rank < world_size or n < 0:
-        raise ValueError(
-            f"need n >= 0 and 0 <= rank < world_size, got n={n}, world_size={world_size}, rank={rank}"
-        )
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return list(range(start, start + base + (rank < extra)))

@@ -72,3 +72,15 @@ def broadcast_value(value: float, device) -> float:
 def barrier() -> None:
     if is_dist():
         dist.barrier()
+
+
+def shard_indices(n: int, world_size: int, rank: int) -> list[int]:
+    """Contiguous evaluation shard of ``range(n)`` for ``rank``: shards in rank order cover every
+    index exactly once (the first ``n % world_size`` ranks get one extra), no padding."""
+    if world_size < 1 or not 0 <= rank < world_size or n < 0:
+        raise ValueError(
+            f"need n >= 0 and 0 <= rank < world_size, got n={n}, world_size={world_size}, rank={rank}"
+        )
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return list(range(start, start + base + (rank < extra)))

@@ -55,7 +55,8 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Mapping
 
-from .data import BENCHMARKS, SPLITS
+from .data import SPLITS
+from .options import BENCHMARKS
 from .errors import DataError
 
 DATA_ENV = "GLOSS_RAY_DATA"            # a folder holding <name>/{train,validation,test}.parquet

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from .errors import DataError
-from .model import DEFAULT_MAX_LENGTH, TextClassifier
+from .model import DEFAULT_MAX_LENGTH, TextClassifier, encode
 
 
 def read_texts(path: str, text_column: str = "text") -> list[str]:
@@ -36,20 +36,16 @@ def read_texts(path: str, text_column: str = "text") -> list[str]:
     return texts
 
 
-@torch.no_grad()
 def _run(model_dir: str, texts: list[str], batch_size: int, max_length: int | None):
     from transformers import AutoTokenizer
 
-    model = TextClassifier.from_pretrained(model_dir).eval()
+    model = TextClassifier.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     max_length = max_length or model.meta.get("max_length") or DEFAULT_MAX_LENGTH
-    logits, embs = [], []
-    for i in range(0, len(texts), batch_size):
-        b = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        lo, em = model(b["input_ids"], b["attention_mask"])
-        logits.append(lo)
-        embs.append(em)
-    return model, torch.cat(logits), torch.cat(embs)
+    batches = (tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+               for i in range(0, len(texts), batch_size))
+    logits, embs = encode(model, batches, torch.device("cpu"))
+    return model, logits, embs
 
 
 def predict_file(model_dir, input_path, output=None, text_column="text", batch_size=64, max_length=None) -> Path:

@@ -284,3 +284,30 @@ class LegacyTextClassifier(nn.Module):
 def unwrap(model: nn.Module) -> TextClassifier:
     """The TextClassifier inside a DDP wrapper (or the model itself)."""
     return model.module if hasattr(model, "module") else model
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision on CPU (where bf16 matmuls are slower)."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def encode(model: nn.Module, batches, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, embeddings)`` of every batch, in order, as float32 on the CPU: eval mode, no
+    gradient, :func:`autocast`. ``batches`` yields dicts with ``input_ids`` and ``attention_mask``
+    (a DataLoader over a tokenised split, or tokenizer outputs). The one loop that encodes a
+    dataset: evaluation, the global graph's refresh, sigma's calibration sample and ``gloss-ray
+    predict`` / ``embed`` all use it."""
+    net = unwrap(model)
+    net.eval()
+    logits, embs = [], []
+    for b in batches:
+        with autocast(device):
+            lo, em = net(b["input_ids"].to(device), b["attention_mask"].to(device))
+        logits.append(lo.float().cpu())
+        embs.append(em.float().cpu())
+    if not embs:
+        return torch.zeros(0, net.num_classes), torch.zeros(0, net.encoder.config.hidden_size)
+    return torch.cat(logits), torch.cat(embs)

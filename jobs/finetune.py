@@ -15,6 +15,7 @@
 The other jobs (sweep.py, benchmark.py, report.py) reuse :func:`run` and the helpers here."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -36,14 +37,11 @@ def load_cli():
 
 
 def has_option(argv: list[str], name: str) -> bool:
-    """Whether ``argv`` sets ``--name`` (also as ``--name=x`` or an abbreviation argparse accepts)."""
-    for arg in argv:
-        if arg == "--":
-            break
-        key = arg.split("=", 1)[0]
-        if key.startswith("--") and len(key) >= 4 and name.startswith(key):
-            return True
-    return False
+    """Whether ``argv`` sets ``--name`` (also as ``--name=x`` or an abbreviation), as argparse reads it."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(name, dest="value")
+    known, _ = parser.parse_known_args([a for a in argv if a != "--"])
+    return known.value is not None
 
 
 def with_default_storage(argv: list[str]) -> list[str]:

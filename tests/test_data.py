@@ -11,15 +11,15 @@ import pandas as pd
 import pytest
 import torch
 
+from gloss_ray.options import BENCHMARKS
 from gloss_ray.data import (
-    BENCHMARKS,
     GlobalBatchSampler,
     PadCollator,
-    balanced_class_weights,
     load_corpus,
-    shard_indices,
     tokenize_split,
 )
+from gloss_ray.distributed import shard_indices
+from gloss_ray.losses import balanced_class_weights
 from gloss_ray.errors import DataError
 
 

@@ -183,20 +183,19 @@ def test_bank_refresh_equals_direct_encoding(dtype, atol):
     bank = EmbeddingBank(103, 8, dtype=dtype)
     assert bank.fill_fraction == 0 and bank.version == 0 and bank.refreshed_at_step is None
     order = torch.randperm(103, generator=torch.Generator().manual_seed(2))
-    stats = bank.refresh(encode, order.split(10), step=7)
     with torch.no_grad():
+        bank.load([encode(part) for part in order.split(10)], step=7)
         direct = F.normalize(model(feats), dim=1)
     assert torch.allclose(bank.as_tensor(torch.float32), direct, atol=atol)
     assert bank.as_tensor().dtype == dtype
     assert bank.version == 1 and bank.refreshed_at_step == 7 and bank.fill_fraction == 1.0
-    assert stats["docs"] == 103 and stats["seconds"] >= stats["encode_seconds"] >= 0
-    # sharded refresh: two workers each encode half, then merge
-    a, b = EmbeddingBank(103, 8, dtype=dtype), EmbeddingBank(103, 8, dtype=dtype)
-    a.refresh(encode, [torch.arange(0, 50)])
-    b.refresh(encode, [torch.arange(50, 103)])
-    assert a.fill_fraction == pytest.approx(50 / 103)
-    a.merge(b)
-    assert torch.allclose(a.as_tensor(torch.float32), direct, atol=atol) and a.fill_fraction == 1.0
+    # sharded refresh: two workers each encode half; every worker loads both parts
+    a = EmbeddingBank(103, 8, dtype=dtype)
+    with torch.no_grad():
+        a.load([encode(torch.arange(0, 50))])
+        assert a.fill_fraction == pytest.approx(50 / 103)
+        a.load([encode(torch.arange(0, 50)), encode(torch.arange(50, 103))])
+    assert torch.allclose(a.as_tensor(torch.float32), direct, atol=atol) and a.fill_fraction == 1.0 and a.version == 2
 
 
 def test_bank_online_update_and_set_rows():
@@ -346,7 +345,7 @@ def test_random_labels_give_chance_accuracy_on_hidden_nodes(fraction, use_global
     # or the extra nodes (real lookup + propagation). Before: 0.38 at 50% and 0.55 at 20% known labels.
     from gloss_ray.losses import label_propagation
     from gloss_ray.losses.gloss import random_mask
-    from gloss_ray.train.loop import known_label_subset
+    from gloss_ray.train.inputs import known_label_subset
 
     n, c, batch = 2000, 4, 64
     emb = unit(n, 16, seed=0)

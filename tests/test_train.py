@@ -13,7 +13,7 @@ import torch
 from gloss_ray import cli
 from gloss_ray.config import TrainConfig
 from gloss_ray.losses import GLoss, WeightedCrossEntropy
-from gloss_ray.train.loop import step_objective
+from gloss_ray.train.objective import StepContext, step_objective
 
 pytestmark = pytest.mark.ray
 
@@ -40,14 +40,18 @@ def _net():
 def _aux(name):
     from gloss_ray.losses import BatchAllTripletLoss, ContrastiveLoss, SupConLoss
 
-    return {"gloss": GLoss(C, sigma=0.6, gamma=0.7, class_weights=WEIGHTS), "scl": SupConLoss(0.1),
-            "triplet": BatchAllTripletLoss(1.0), "contrastive": ContrastiveLoss(1.0), "none": None}[name]
+    from gloss_ray.train.objective import EmbeddingLoss, GraphLoss
+
+    return {"gloss": GraphLoss(GLoss(C, sigma=0.6, gamma=0.7, class_weights=WEIGHTS)),
+            "scl": EmbeddingLoss(SupConLoss(0.1)), "triplet": EmbeddingLoss(BatchAllTripletLoss(1.0)),
+            "contrastive": EmbeddingLoss(ContrastiveLoss(1.0)), "none": None}[name]
 
 
 def _step(net, x, y, aux):
     emb = net(x)
     logits = emb[:, :C]
-    return step_objective(WeightedCrossEntropy(WEIGHTS), _aux(aux), logits, emb, y, lam=0.6, mask_seed=1234)
+    return step_objective(WeightedCrossEntropy(WEIGHTS), _aux(aux), logits, emb, y, lam=0.6,
+                          ctx=StepContext(mask_seed=1234))
 
 
 def _ddp_worker(config):
@@ -55,7 +59,7 @@ def _ddp_worker(config):
     import ray.train.torch
     import torch.distributed as dist
 
-    from gloss_ray.train.loop import seed_rank_streams
+    from gloss_ray.train.session import seed_rank_streams
 
     rank, world = dist.get_rank(), dist.get_world_size()
     out = {}
@@ -102,7 +106,7 @@ def test_two_workers_of_64_equal_one_process_of_128(ray_local):
 
 
 def test_rank_zero_keeps_the_run_seed_for_dropout():
-    from gloss_ray.train.loop import seed_rank_streams
+    from gloss_ray.train.session import seed_rank_streams
 
     masks = []
     for rank in (0, 0, 1, 2):
@@ -207,7 +211,8 @@ def test_two_worker_run_with_global_graph_logs_diagnostics(ray_local, data_dir, 
 
 def test_max_steps_ends_the_run_mid_epoch(data_dir, tiny_model_dir, tmp_path):
     """--max-steps bounds a run (large corpora): the epoch ends there, and the run with it."""
-    from gloss_ray.train.loop import LocalSession, train
+    from gloss_ray.train.loop import train
+    from gloss_ray.train.session import LocalSession
 
     cfg = TrainConfig(benchmark="mr", data_dir=str(data_dir), model=tiny_model_dir, loss="gloss", epochs=3,
                       max_train=96, max_eval=16, max_length=16, batch_size=16, max_steps=4, progress=False,
@@ -222,7 +227,8 @@ def test_max_steps_ends_the_run_mid_epoch(data_dir, tiny_model_dir, tmp_path):
 def test_run_reports_tokenisation_memory_and_bank_bytes(data_dir, tiny_model_dir, tmp_path):
     """Issue 13's measurements: tokenisation seconds per split and each worker's peak RSS in metrics.json,
     the bank's and the index's bytes in the refresh diagnostics (history.csv)."""
-    from gloss_ray.train.loop import LocalSession, train
+    from gloss_ray.train.loop import train
+    from gloss_ray.train.session import LocalSession
 
     cfg = TrainConfig(benchmark="mr", data_dir=str(data_dir), model=tiny_model_dir, loss="gloss", epochs=1,
                       max_train=96, max_eval=16, max_length=16, batch_size=16, max_steps=2, global_k=4,

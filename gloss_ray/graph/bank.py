@@ -1,16 +1,15 @@
 """Embedding bank (one unit vector + label per training document) and global-neighbour lookup.
 
-The bank is refreshed every so often by encoding the corpus (:meth:`EmbeddingBank.refresh`);
+The bank is refreshed every so often by encoding the corpus (:meth:`EmbeddingBank.load`);
 between refreshes it can follow each batch's fresh embeddings (:meth:`EmbeddingBank.update_online`).
 A :class:`~gloss_ray.graph.index.KnnIndex` built over the bank lets :class:`GlobalNeighbours` add,
 for each training batch, its nearest labelled corpus documents as extra (detached) graph nodes.
-In data-parallel training each worker may refresh only its shard, gather the ``(indices, vectors)``
-pairs and call :meth:`EmbeddingBank.set_rows` (or :meth:`EmbeddingBank.merge` with another bank).
+In data-parallel training each worker re-encodes its shard, and every worker loads all the gathered
+``(indices, vectors)`` parts (:meth:`EmbeddingBank.load`).
 """
 from __future__ import annotations
 
-import time
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +17,6 @@ import torch.nn.functional as F
 from gloss_ray.graph.index import KnnIndex
 
 Tensor = torch.Tensor
-EncodeFn = Callable[[Any], tuple[Tensor, Tensor]]
 
 
 class EmbeddingBank:
@@ -75,39 +73,13 @@ class EmbeddingBank:
             new = torch.where(self.filled[idx].unsqueeze(1), blended, new)
         self.set_rows(idx, new)
 
-    def merge(self, other: "EmbeddingBank") -> None:
-        """Copy every filled row (vector and label) of ``other`` (same shape) into this bank."""
-        if (other.num_docs, other.dim) != (self.num_docs, self.dim):
-            raise ValueError("banks differ in shape")
-        src = other.filled.nonzero().squeeze(1)
-        dst = src.to(self.device)
-        self.vectors[dst] = other.vectors[src].to(self.device, self.dtype)
-        self.labels[dst] = other.labels[src].to(self.device)
-        self.filled[dst] = True
-
-    def refresh(self, encode_fn: EncodeFn, batches: Iterable[Any], *, step: Optional[int] = None) -> dict[str, float]:
-        """Re-encode documents: ``encode_fn(batch) -> (indices, embeddings)`` under ``torch.no_grad()``.
-
-        Each batch's rows are normalised and stored; ``version`` is bumped. Put the model in eval
-        mode inside ``encode_fn`` if wanted. Returns ``{"seconds", "encode_seconds", "docs",
-        "docs_per_second", "fill_fraction"}``.
-        """
-        start = time.perf_counter()
-        encode_s, docs = 0.0, 0
-        with torch.no_grad():
-            for batch in batches:
-                t = time.perf_counter()
-                idx, emb = encode_fn(batch)
-                encode_s += time.perf_counter() - t
-                self.set_rows(idx, emb)
-                docs += int(torch.as_tensor(idx).numel())
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        total = time.perf_counter() - start
+    def load(self, parts: Iterable[tuple[Tensor, Tensor]], step: Optional[int] = None) -> None:
+        """A refresh: write every ``(indices, vectors)`` part (e.g. each worker's re-encoded shard,
+        gathered), bump ``version`` and record the training ``step``."""
+        for idx, vectors in parts:
+            self.set_rows(torch.as_tensor(idx), torch.as_tensor(vectors))
         self.version += 1
         self.refreshed_at_step = step
-        return {"seconds": total, "encode_seconds": encode_s, "docs": float(docs),
-                "docs_per_second": docs / total if total > 0 else float("inf"), "fill_fraction": self.fill_fraction}
 
     @property
     def fill_fraction(self) -> float:
@@ -119,11 +91,18 @@ class EmbeddingBank:
         return self.vectors if dtype in (None, self.dtype) else self.vectors.to(dtype)
 
     def build_index(self, backend: str = "auto", *, labelled_only: bool = True, **params: Any) -> KnnIndex:
-        """A :class:`KnnIndex` over the filled rows (only those with a known label when ``labelled_only``)."""
+        """A :class:`KnnIndex` over the filled rows (only those with a known label when ``labelled_only``),
+        reporting bank row ids. Over the whole bank it indexes the bank's own tensor (float32 on CPU), no copy."""
         keep = self.filled & (self.labels >= 0) if labelled_only else self.filled
+        if bool(keep.all()):
+            return KnnIndex.build(self.index_vectors(), backend, str(self.device), **params)
         rows = keep.nonzero().squeeze(1)
         vecs = self.vectors[rows] if self.device.type == "cuda" else self.vectors[rows].float()
         return KnnIndex.build(vecs, backend, str(self.device), ids=rows, **params)
+
+    def index_vectors(self) -> Tensor:
+        """The vectors as the kNN index takes them: the bank's dtype on GPU, float32 on CPU."""
+        return self.as_tensor() if self.device.type == "cuda" else self.as_tensor(torch.float32)
 
 
 class GlobalNeighbours:

@@ -53,21 +53,16 @@ class GlobalGraph:
 
     def refresh(self, encode, step: int) -> dict:
         """``encode(indices) -> embeddings`` (no grad) for this worker's shard; returns diagnostics."""
-        from ..data import shard_indices
-
         rank, world = D.rank_and_world()
         t0 = time.perf_counter()
-        shard = shard_indices(self.bank.num_docs, world, rank)
+        shard = D.shard_indices(self.bank.num_docs, world, rank)
         emb = encode(shard).float()
         t_enc = time.perf_counter() - t0
         parts = D.gather_objects((np.asarray(shard, dtype=np.int64), emb.cpu().to(self.bank.dtype).numpy()))
-        for idx, vec in parts:
-            self.bank.set_rows(torch.from_numpy(idx), torch.from_numpy(vec))
-        self.bank.version += 1
-        self.bank.refreshed_at_step = step
+        self.bank.load(((torch.from_numpy(i), torch.from_numpy(v)) for i, v in parts), step)
         t1 = time.perf_counter()
-        vecs = self.bank.as_tensor() if self.device.type == "cuda" else self.bank.as_tensor(torch.float32)
-        index = KnnIndex.build(vecs, self.backend, str(self.device))
+        index = self.bank.build_index(self.backend, labelled_only=False)
+        vecs = self.bank.index_vectors()
         t_index = time.perf_counter() - t1
         t2 = time.perf_counter()
         n = self.bank.num_docs

@@ -142,6 +142,10 @@ class GLoss(nn.Module):
             self.sigma_value = self.strategy.initial(embeddings.to(self.dtype), labels)
         return self.sigma_value
 
+    def use_sigma(self, value: float) -> None:
+        """Use this sigma from now on (e.g. a resumed run's, or rank 0's calibrated value)."""
+        self.sigma_value = float(value)
+
     def current_sigma(self, embeddings: Tensor, labels: Tensor) -> float:
         if self.strategy.per_batch:
             return self.strategy.for_batch(embeddings.to(self.dtype), labels)

@@ -54,7 +54,8 @@ def auto_cpus_per_worker(workers: int, runs_at_once: int = 1) -> float:
 def _worker(config: dict) -> None:
     import torch
 
-    from .loop import RaySession, train
+    from .loop import train
+    from .session import RaySession
 
     cfg = TrainConfig.from_dict(config)
     # PyTorch's intra-op threads = the CPUs this worker reserved (Ray's OMP_NUM_THREADS default is

@@ -1,0 +1,102 @@
+"""A worker's data: the corpus tokenised (cached per node), the low-label subset, the sampler of
+global batches, and a loader per split. Every rank builds the same thing; the sampler hands each
+rank its slice of every global batch."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from ..config import TrainConfig
+from ..data import GlobalBatchSampler, PadCollator, load_corpus, tokenize_split
+from ..model import load_tokenizer
+
+
+@dataclass
+class WorkerData:
+    corpus: object                      # gloss_ray.data.Corpus
+    tokenizer: object
+    collate: PadCollator
+    full_train: object                  # every training document (the global graph's corpus)
+    train: object                       # the documents trained on (the known-label subset)
+    train_labels: np.ndarray
+    known_labels: np.ndarray            # per training document, -1 where the label is hidden
+    true_labels: np.ndarray
+    eval_sets: dict                     # split -> dataset
+    sampler: GlobalBatchSampler
+    loader: DataLoader
+    total_steps: int
+    tokenize_s: dict = field(default_factory=dict)
+    eval_batch_size: int = 64
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.sampler)
+
+    def loader_for(self, dataset, rows=None) -> DataLoader:
+        """Batches of ``dataset`` (or of its ``rows``) for encoding, in order."""
+        part = dataset if rows is None else dataset.select(list(rows))
+        return DataLoader(part, batch_size=self.eval_batch_size, collate_fn=self.collate)
+
+
+def known_label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of the training documents whose labels stay known (stratified, >= 1 per class)."""
+    rng = np.random.default_rng(seed + 7919)
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        keep.extend(rng.permutation(idx)[: max(1, round(len(idx) * fraction))])
+    return np.sort(np.asarray(keep))
+
+
+def _default_cache() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "gloss_ray", "tokens")
+
+
+def _tokenised(corpus, split, tokenizer, cfg):
+    frame = corpus.splits[split]
+    key = f"{corpus.fingerprint(split)}:{split}"
+    ds = tokenize_split(frame["text"].tolist(), tokenizer, cfg.max_length, cfg.cache_dir or _default_cache(), key)
+    fp = f"{key}:{cfg.max_length}".encode().hex()[-60:]  # explicit fingerprints: no hashing of Arrow internals
+    ds = ds.add_column("label", frame["label"].astype(int).tolist(), new_fingerprint=fp + "l")
+    return ds.add_column("index", list(range(len(frame))), new_fingerprint=fp + "i")
+
+
+def _corpus(cfg: TrainConfig):
+    limits = {k: v for k, v in (("train", cfg.max_train), ("validation", cfg.max_eval), ("test", cfg.max_eval)) if v}
+    return load_corpus(cfg.benchmark, data_dir=cfg.data_dir, train_file=cfg.train_file,
+                       validation_file=cfg.validation_file, test_file=cfg.test_file, text_column=cfg.text_column,
+                       label_column=cfg.label_column, hf_dataset=cfg.hf_dataset, max_samples=limits or None,
+                       seed=cfg.seed)
+
+
+def load_worker_data(cfg: TrainConfig, rank: int, world: int, log) -> WorkerData:
+    corpus = _corpus(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    tok_s, sets = {}, {}
+    for split in ("train", "validation", "test"):   # seconds to tokenise (or read from the cache), this rank
+        if split in corpus.splits:
+            t = time.perf_counter()
+            sets[split] = _tokenised(corpus, split, tokenizer, cfg)
+            tok_s[split] = time.perf_counter() - t
+    log("[gloss-ray] tokenisation: " + ", ".join(f"{k} {v:.1f}s" for k, v in tok_s.items()))
+    full_train = train = sets.pop("train")
+    true_labels = train_labels = np.asarray(full_train["label"])
+    known_labels = true_labels.copy()
+    if cfg.label_fraction < 1.0:
+        known = known_label_subset(train_labels, cfg.label_fraction, cfg.seed)
+        train, train_labels = full_train.select(known.tolist()), train_labels[known]
+        known_labels[np.setdiff1d(np.arange(len(known_labels)), known)] = -1
+        log(f"[gloss-ray] low-label setting: {len(known)} of {len(corpus.splits['train'])} training labels known")
+    collate = PadCollator(tokenizer.pad_token_id)
+    sampler = GlobalBatchSampler(train_labels.tolist(), cfg.batch_size, world, rank, seed=cfg.seed,
+                                 balanced=cfg.balanced_batches)
+    total_steps = len(sampler) * cfg.epochs
+    if cfg.max_steps:                 # a bounded run (e.g. on a large corpus): the schedules end there
+        total_steps = min(total_steps, cfg.max_steps)
+    return WorkerData(corpus, tokenizer, collate, full_train, train, train_labels, known_labels, true_labels, sets,
+                      sampler, DataLoader(train, batch_sampler=sampler, collate_fn=collate), total_steps, tok_s,
+                      eval_batch_size=cfg.eval_batch_size)

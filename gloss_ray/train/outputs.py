@@ -1,0 +1,73 @@
+"""The end of a run: the best weights score the test split, and rank 0 writes the run's folder::
+
+    metrics.json   test accuracy / macro-F1, silhouette, best epoch, timings, memory, the config
+    history.csv    one row per epoch (losses, validation scores, lr, sigma, lam, global-graph figures)
+    plots/         training curves and a 2-D map of the test embeddings
+    model/         a transformers classifier + sentence-transformers model + model card
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import numpy as np
+import torch
+
+from .. import distributed as D
+from .. import plots
+from ..metrics import silhouette
+from ..model import unwrap
+from ..model_card import write_model_card
+from ..storage import staged_output
+from .session import peak_rss_kib
+
+
+def finish(cfg, session, model, data, state: dict, device, t_start: float, log, test) -> dict:
+    """Score the test split with ``test(dataset) -> (metrics, predictions, embeddings)``, gather the
+    run's figures, write the outputs (rank 0); returns the final metrics on every rank."""
+    rank, world = D.rank_and_world()
+    final = {"benchmark": data.corpus.name, "loss": cfg.loss, "seed": cfg.seed, "best_epoch": state["best_epoch"],
+             "best_val_macro_f1": state["best_val_macro_f1"], "epochs_run": state["epoch"],
+             "skipped_steps": state["skipped_steps"], "num_workers": world, "device": device.type,
+             "cpu_threads": torch.get_num_threads(), "global_graph": cfg.global_k > 0,
+             "label_fraction": cfg.label_fraction, "num_classes": data.corpus.num_classes,
+             "train_docs": len(data.train), "tokenize_s": data.tokenize_s}
+    test_emb = test_labels = None
+    if "test" in data.eval_sets:
+        test_ds = data.eval_sets["test"]
+        test_labels = np.asarray(test_ds["label"])
+        scores, _, test_emb = test(test_ds)
+        final.update(test_accuracy=scores["accuracy"], test_macro_f1=scores["macro_f1"])
+        final["silhouette"] = silhouette(test_emb, test_labels, seed=cfg.seed) if rank == 0 else None
+    # each worker's peak resident memory (ru_maxrss: KiB on Linux), in rank order
+    final["peak_rss_mb_per_worker"] = [r / 1024 for r in D.gather_objects(peak_rss_kib())]
+    final["train_wall_time_s"] = state["elapsed_s"]
+    final["wall_time_s"] = time.time() - t_start
+    if rank == 0:
+        write_outputs(cfg, session.run_dir, final, state["history"], model, data.tokenizer, data.corpus.label_names,
+                      test_emb, test_labels)
+        log(f"[gloss-ray] done: test acc {final.get('test_accuracy', float('nan')):.4f} macro-F1 "
+            f"{final.get('test_macro_f1', float('nan')):.4f} (best epoch {state['best_epoch']}); outputs in {session.run_dir}")
+    D.barrier()
+    return final
+
+
+def write_outputs(cfg, run_dir, final, history, model, tokenizer, label_names, test_emb, test_labels) -> None:
+    final = {**final, "config": cfg.to_dict(), "stage": cfg.extra.get("stage", "final")}
+    with staged_output(run_dir) as out:
+        (out / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
+        with open(out / "history.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in history for k in row)))
+            w.writeheader()
+            w.writerows(history)
+        (out / "plots").mkdir()
+        title = f"{final['benchmark']} / {cfg.loss} (seed {cfg.seed})"
+        plots.training_curves(history, out / "plots", title)
+        if test_emb is not None:
+            plots.embedding_map(test_emb, test_labels, label_names, out / "plots", f"test embeddings: {title}")
+        # a transformers classifier + a sentence-transformers model + its card (see gloss_ray.model)
+        unwrap(model).save_pretrained(out / "model", tokenizer, label_names,
+                                      {"best_epoch": final["best_epoch"], "loss": cfg.loss, "benchmark": final["benchmark"]},
+                                      max_length=cfg.max_length)
+        write_model_card(out / "model", cfg, final, label_names)
