@@ -46,13 +46,17 @@ def main() -> None:
     ap.add_argument("--ray-cpus", type=float, default=None, help="Ray worker's CPUs (default: automatic)")
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--loss", default="gloss")
+    ap.add_argument("--model", default=None, help="encoder folder or name (default: the packaged all-MiniLM-L6-v2)")
+    ap.add_argument("--data-dir", default=None, help="benchmark folder (default: $GLOSS_RAY_DATA, ./data, cache)")
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="ray_overhead_"))
     base = dict(benchmark=args.benchmark, loss=args.loss, epochs=args.epochs, max_train=args.max_train,
-                max_eval=args.max_eval, max_length=64, batch_size=32, patience=100, progress=False,
-                storage=str(tmp), gpu=args.gpu, max_failures=0)
+                max_eval=args.max_eval, max_length=args.max_length, batch_size=args.batch_size, patience=100,
+                progress=False, storage=str(tmp), gpu=args.gpu, max_failures=0, model=args.model, data_dir=args.data_dir)
     results = {}
 
     # Ray Train, one worker

@@ -2,7 +2,7 @@
 
 Every ``refresh_every`` epochs the whole training corpus is re-encoded without gradients (each worker
 its shard, gathered so that every worker holds the same bank), a kNN index is rebuilt over the bank,
-the full kNN graph is searched once for diagnostics (and, in the low-label setting, as the graph that
+the full kNN graph is searched once (each worker the documents of its shard, gathered) for diagnostics (and, in the low-label setting, as the graph that
 spreads the known labels to the rest of the corpus as pseudo-labels). At each step the documents of
 the global batch look up their nearest corpus documents, which join the batch's label propagation as
 extra labelled nodes with their stored (detached) embeddings. Between refreshes the bank follows each
@@ -31,7 +31,7 @@ import torch
 
 from .. import distributed as D
 from .bank import EmbeddingBank, GlobalNeighbours
-from .index import KnnIndex, exact_knn_torch, held_out_queries, label_homophily
+from .index import KnnIndex, KnnResult, exact_knn_torch, held_out_queries, label_homophily
 from .pseudo import LabelSpreading
 
 
@@ -67,7 +67,7 @@ class GlobalGraph:
         t2 = time.perf_counter()
         n = self.bank.num_docs
         k = min(self.k, n - 1)
-        graph = index.search(vecs, k, exclude_ids=torch.arange(n))
+        graph = self._search_sharded(index, vecs, k, shard)
         t_search = time.perf_counter() - t2
         ids = graph.ids.cpu().numpy()
         diag = {"refresh_s": time.perf_counter() - t0, "encode_s": t_enc, "index_s": t_index, "search_s": t_search,
@@ -84,6 +84,15 @@ class GlobalGraph:
         self.neighbours = GlobalNeighbours(self.bank, index)
         diag["bank_bytes"], diag["index_bytes"] = self.bank_bytes(), index_nbytes(index, self.bank.vectors)
         return diag
+
+    @staticmethod
+    def _search_sharded(index: KnnIndex, vecs: torch.Tensor, k: int, shard: list[int]) -> KnnResult:
+        """The full kNN graph (each document's ``k`` nearest others): every rank searches the
+        documents of its own (contiguous) shard, and the parts are gathered in rank order."""
+        rows = torch.as_tensor(shard, dtype=torch.long)
+        part = index.search(vecs[rows.to(vecs.device)], k, exclude_ids=rows)
+        parts = D.gather_objects((part.scores.cpu(), part.ids.cpu()))
+        return KnnResult(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 
     def bank_bytes(self) -> int:
         """Bytes this worker's bank holds: vectors, labels, fill flags and the known labels (issue 13)."""

@@ -37,7 +37,11 @@ BACKENDS: tuple[str, ...] = ("torch-exact", "faiss-flat", "faiss-ivf", "faiss-hn
 # 20k (a tie) and 50k docs and is 3-9x faster at 50k; of the exact backends faiss-flat was the faster in
 # 6 of 9 paired runs (1.4-1.5x in the quietest), torch-exact in 3 (the choice without FAISS and on CUDA).
 EXACT_MAX_N = 20_000
-SEARCH_BATCH = 65_536  # queries per FAISS/torch search call
+SEARCH_BATCH = 65_536  # queries per FAISS/torch search call, at most
+# A FAISS search call holds about (queries x fetched x re-ranked candidates per result x 12 bytes) of
+# candidate scores and ids: with the IVF-PQ index's k_factor at 256 (real embeddings can need it), 65k
+# queries took ~9 GB per worker, so calls are cut to keep that under this budget.
+SEARCH_BUFFER_BYTES = 256 << 20
 IVF_CODECS: tuple[str, ...] = ("pqfs", "sq8", "flat")
 _MAX_SIM_ELEMENTS = 1 << 27  # cap on one similarity block (query chunk x bank) in exact_knn_torch
 
@@ -421,6 +425,8 @@ class KnnIndex:
             if ex.shape[0] != nq:
                 raise ValueError(f"exclude_ids has {ex.shape[0]} rows for {nq} queries")
         fetch = k + (ex.shape[1] if ex is not None else 0)
+        per_query = max(1, fetch) * int(self.params.get("k_factor") or 1) * 12
+        batch_size = max(1, min(batch_size, max(256, SEARCH_BUFFER_BYTES // per_query)))
         parts = []
         for s in range(0, nq, batch_size):
             part = self._search_block(queries[s:s + batch_size], fetch) if fetch > 0 else None
