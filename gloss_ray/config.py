@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +85,10 @@ class TrainConfig:
     cache_dir: str | None = None
     progress: bool = True
     extra: dict = field(default_factory=dict)
+    source: InitVar[str] = "config"   # where the values came from, named in error messages
 
-    def __post_init__(self):
-        self.validate()
+    def __post_init__(self, source: str = "config"):
+        self.validate(source)
 
     # ------------------------------------------------------------------------------------------
     def validate(self, source: str = "config") -> None:
@@ -153,17 +154,10 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
-        cfg = cls.__new__(cls)           # fill, then validate once with ``source`` in the messages
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            setattr(cfg, f.name, dense_to_none(f.name, d.get(f.name, default)))
         try:
-            cfg.validate(source)
-        except (TypeError, ValueError) as e:
-            if isinstance(e, ConfigError):
-                raise
+            return cls(**{k: dense_to_none(k, v) for k, v in d.items()}, source=source)
+        except TypeError as e:
             raise ConfigError(f"{source}: {e}") from e
-        return cfg
 
     @classmethod
     def from_sources(cls, yaml_path: str | None = None, overrides: dict | None = None) -> "TrainConfig":

@@ -84,3 +84,18 @@ def shard_indices(n: int, world_size: int, rank: int) -> list[int]:
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return list(range(start, start + base + (rank < extra)))
+
+
+def gather_rows(indices, rows, chunk: int = 16384):
+    """Every rank's ``(indices, rows)`` (numpy arrays of equal length), yielded as ``(indices, rows)``
+    parts of at most ``chunk`` rows, gathered round by round: a rank holds at most one round
+    (world x chunk rows) at a time, not every rank's whole share. All ranks must consume it all."""
+    if not is_dist():
+        for s in range(0, len(indices), chunk):
+            yield indices[s:s + chunk], rows[s:s + chunk]
+        return
+    rounds = max(gather_objects(-(-len(indices) // chunk)))
+    for r in range(rounds):
+        for idx, part in gather_objects((indices[r * chunk:(r + 1) * chunk], rows[r * chunk:(r + 1) * chunk])):
+            if len(idx):
+                yield idx, part

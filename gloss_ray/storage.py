@@ -50,11 +50,6 @@ def upload_dir(local_dir: str | Path, dest: str) -> None:
     pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
-def download_dir(src: str, local_dir: str | Path) -> None:
-    fs, path = _fs(src)
-    pafs.copy_files(path, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-
-
 def exists(uri: str) -> bool:
     fs, path = _fs(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound

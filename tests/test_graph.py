@@ -88,7 +88,7 @@ def test_approximate_backends_reach_recall(corpus, backend):
     assert label_homophily(res.ids, labels) > 0.9
 
 
-@pytest.mark.parametrize("codec", ["pqfs", "sq8", "flat"])
+@pytest.mark.parametrize("codec", ["pqfs", "pq-bank", "sq8", "flat"])
 def test_ivf_fixed_params_and_codecs(corpus, codec):
     x, _, exact = corpus
     idx = KnnIndex.build(x, "faiss-ivf", nlist=64, nprobe=16, codec=codec, k_factor=16)
@@ -97,10 +97,13 @@ def test_ivf_fixed_params_and_codecs(corpus, codec):
     res = idx.search(x[:2000], 17, exclude_ids=torch.arange(2000))
     assert recall_at_k(res.ids[:, :16], exact.ids[:2000]) > 0.8
     assert (res.scores[:, :-1] >= res.scores[:, 1:]).all()
-    if codec == "pqfs":  # exact re-ranking: scores are true inner products
-        assert idx.params["k_factor"] == 16 and idx.params["factory"] == "IVF64,PQ16x4fs,RFlat"
+    if codec in ("pqfs", "pq-bank"):  # exact re-ranking: scores are true inner products
+        assert idx.params["k_factor"] == 16
+        assert idx.params["factory"] == "IVF64,PQ16x4fs" + (",RFlat" if codec == "pqfs" else "")
         got = (x[:2000].unsqueeze(1) * x[res.ids]).sum(-1)
         assert torch.allclose(got, res.scores, atol=1e-4)
+    if codec == "pq-bank":   # re-ranked against the indexed tensor itself, not a copy
+        assert idx._rerank.data_ptr() == x.data_ptr()
     idx = KnnIndex.build(x, "faiss-ivf", target_recall=None, codec=codec)
     assert idx.params["nprobe"] == max(8, -(-idx.params["nlist"] // 80))
     with pytest.raises(ConfigError, match="codec"):
@@ -452,3 +455,53 @@ def test_benchmark_recall_queries_are_not_the_calibration_queries(monkeypatch):
     assert len(rows) == 2 and calib and len(samples) == 1
     assert not torch.isin(samples[0], torch.cat(calib)).any()
     assert len(samples[0]) == 2000  # every doc but the 1,000 calibration queries
+
+
+# ------------------------------------------------------------------ one bank per node
+def _shared_bank_worker(rank, world, port, out):
+    import os
+
+    import torch.distributed as dist
+
+    from gloss_ray.graph.shared import node_zeros
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        store = node_zeros((1000, 8), torch.float32, "test")
+        bank = EmbeddingBank(1000, 8, torch.float32, vectors=store.tensor, writer=store.writer)
+        bank.set_rows(torch.tensor([3 + rank]), torch.ones(1, 8))     # only the writer's row lands
+        dist.barrier()
+        torch.save({"shared": store.shared, "writer": store.writer, "path_left": os.path.exists(store.path),
+                    "rows": bank.vectors[3:5].clone(), "filled": bank.filled[3:5].clone()}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_node_zeros_gives_the_workers_of_a_node_one_copy(tmp_path):
+    """Two ranks on one machine map one /dev/shm file (unlinked once mapped); the first writes,
+    the other sees its rows and writes nothing itself."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from gloss_ray.graph.shared import shm_room
+    if shm_room() < 300 << 20:
+        pytest.skip("no /dev/shm with room here")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_shared_bank_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    assert r0["shared"] and r1["shared"] and (r0["writer"], r1["writer"]) == (True, False)
+    assert not r0["path_left"] and not r1["path_left"]
+    one = F.normalize(torch.ones(8), dim=0)
+    for r in (r0, r1):           # row 3 written by rank 0 (the writer); rank 1's row 4 was not written
+        assert torch.allclose(r["rows"][0], one) and torch.equal(r["rows"][1], torch.zeros(8))
+    assert r0["filled"].tolist() == [True, False] and r1["filled"].tolist() == [False, True]
+
+
+def test_node_zeros_on_one_process_is_a_private_tensor():
+    from gloss_ray.graph.shared import node_zeros
+
+    store = node_zeros((10, 4), torch.float32, "test")
+    assert not store.shared and store.writer and torch.equal(store.tensor, torch.zeros(10, 4))

@@ -207,6 +207,7 @@ def test_two_worker_run_with_global_graph_logs_diagnostics(ray_local, data_dir, 
         assert float(r["recall_at_k"]) == pytest.approx(1.0)  # exact FAISS index on a small corpus
         assert 0.0 <= float(r["pseudo_label_accuracy"]) <= 1.0 and int(r["pseudo_labelled"]) > 0
         assert float(r["refresh_s"]) > 0 and float(r["lookup_s"]) > 0
+        assert int(r["bank_shared"]) == 1          # two workers on one machine: one bank in /dev/shm
 
 
 def test_max_steps_ends_the_run_mid_epoch(data_dir, tiny_model_dir, tmp_path):

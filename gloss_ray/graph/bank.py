@@ -24,14 +24,24 @@ class EmbeddingBank:
 
     ``filled[i]`` tells whether row i was ever written; ``version`` counts refreshes and
     ``refreshed_at_step`` is the training step of the last one (``None`` before any).
+
+    ``vectors`` may be given (a zero ``[num_docs, dim]`` tensor of ``dtype`` on ``device``), e.g. one
+    that the workers of a node share (:func:`gloss_ray.graph.shared.node_zeros`); then only the
+    ``writer`` writes rows into it (every rank writes the same rows, so one write per node suffices)
+    and the others only record them as filled.
     """
 
     def __init__(self, num_docs: int, dim: int, dtype: torch.dtype = torch.float16,
-                 device: Union[str, torch.device] = "cpu", labels: Optional[Tensor] = None) -> None:
+                 device: Union[str, torch.device] = "cpu", labels: Optional[Tensor] = None,
+                 vectors: Optional[Tensor] = None, writer: bool = True) -> None:
         if num_docs < 0 or dim <= 0:
             raise ValueError(f"need num_docs >= 0 and dim > 0, got {num_docs}, {dim}")
         self.num_docs, self.dim, self.dtype, self.device = num_docs, dim, dtype, torch.device(device)
-        self.vectors = torch.zeros(num_docs, dim, dtype=dtype, device=self.device)
+        if vectors is None:
+            vectors = torch.zeros(num_docs, dim, dtype=dtype, device=self.device)
+        elif vectors.shape != (num_docs, dim) or vectors.dtype != dtype or vectors.device != self.device:
+            raise ValueError(f"vectors must be a [{num_docs}, {dim}] {dtype} tensor on {self.device}")
+        self.vectors, self.writer = vectors, writer
         self.labels = torch.full((num_docs,), -1, dtype=torch.long, device=self.device)
         self.filled = torch.zeros(num_docs, dtype=torch.bool, device=self.device)
         self.version = 0
@@ -54,8 +64,8 @@ class EmbeddingBank:
         idx = self._idx(indices)
         if vectors.shape != (idx.numel(), self.dim):
             raise ValueError(f"vectors must have shape ({idx.numel()}, {self.dim}), got {tuple(vectors.shape)}")
-        v = F.normalize(vectors.detach().float(), dim=1)
-        self.vectors[idx] = v.to(self.device, self.dtype)
+        if self.writer:
+            self.vectors[idx] = F.normalize(vectors.detach().float(), dim=1).to(self.device, self.dtype)
         self.filled[idx] = True
 
     def update_online(self, indices: Tensor, vectors: Tensor, momentum: float = 0.0) -> None:

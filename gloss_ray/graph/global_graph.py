@@ -33,6 +33,7 @@ from .. import distributed as D
 from .bank import EmbeddingBank, GlobalNeighbours
 from .index import KnnIndex, KnnResult, exact_knn_torch, held_out_queries, label_homophily
 from .pseudo import LabelSpreading
+from .shared import node_zeros
 
 
 class GlobalGraph:
@@ -43,7 +44,11 @@ class GlobalGraph:
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.known = torch.as_tensor(known_labels, dtype=torch.long)
         self.true_labels = np.asarray(true_labels)
-        self.bank = EmbeddingBank(num_docs, dim, dtype, self.device, labels=self.known.clone().to(self.device))
+        # on CPU, one bank per node when a node runs several workers (gloss_ray.graph.shared)
+        store = node_zeros((num_docs, dim), dtype, "bank") if self.device.type == "cpu" else None
+        self.shared = bool(store and store.shared)
+        self.bank = EmbeddingBank(num_docs, dim, dtype, self.device, labels=self.known.clone().to(self.device),
+                                  vectors=store.tensor if store else None, writer=store.writer if store else True)
         self.num_classes, self.k, self.max_nodes = num_classes, k, max_nodes
         self.backend, self.pseudo_confidence, self.diag_queries, self.seed = backend, pseudo_confidence, diag_queries, seed
         self.neighbours: GlobalNeighbours | None = None
@@ -58,10 +63,13 @@ class GlobalGraph:
         shard = D.shard_indices(self.bank.num_docs, world, rank)
         emb = encode(shard).float()
         t_enc = time.perf_counter() - t0
-        parts = D.gather_objects((np.asarray(shard, dtype=np.int64), emb.cpu().to(self.bank.dtype).numpy()))
+        parts = D.gather_rows(np.asarray(shard, dtype=np.int64), emb.cpu().to(self.bank.dtype).numpy())
         self.bank.load(((torch.from_numpy(i), torch.from_numpy(v)) for i, v in parts), step)
+        D.barrier()                              # a node-shared bank: its writer has written every row
         t1 = time.perf_counter()
-        index = self.bank.build_index(self.backend, labelled_only=False)
+        # with a node-shared bank the IVF index keeps only its codes and re-ranks against the bank
+        index = self.bank.build_index(self.backend, labelled_only=False,
+                                      **({"codec": "pq-bank"} if self.shared else {}))
         vecs = self.bank.index_vectors()
         t_index = time.perf_counter() - t1
         t2 = time.perf_counter()
@@ -83,6 +91,7 @@ class GlobalGraph:
             diag["pseudo_labelled"] = int(use.sum())
         self.neighbours = GlobalNeighbours(self.bank, index)
         diag["bank_bytes"], diag["index_bytes"] = self.bank_bytes(), index_nbytes(index, self.bank.vectors)
+        diag["bank_shared"] = int(self.shared)    # 1: the bank's vectors are one copy per node
         return diag
 
     @staticmethod
@@ -153,19 +162,19 @@ def index_nbytes(index: KnnIndex, bank_vectors: torch.Tensor | None = None) -> i
     FAISS flat storage ``ntotal*code_size``; IVF ``ntotal*(code_size + 8)`` (codes + ids) plus the coarse
     centroids; ``IndexRefineFlat`` adds its flat copy of the vectors; HNSW adds ``ntotal*2M*4`` level-0
     links. Ignores block padding and codebooks: within 1% of ``faiss.serialize_index(...).nbytes`` on
-    20k x 384 (IVF-PQ-fastscan+refine 32.27 vs 32.55 MB, HNSW 35.84 vs 36.16 MB). ``torch-exact`` counts
-    its tensor unless it is the bank's own storage (CPU float32 bank)."""
-    if index._bank is not None:
-        t = index._bank
-        if bank_vectors is not None and t.data_ptr() == bank_vectors.data_ptr():
-            return 0
-        return int(t.numel() * t.element_size())
+    20k x 384 (IVF-PQ-fastscan+refine 32.27 vs 32.55 MB, HNSW 35.84 vs 36.16 MB). ``torch-exact`` (and
+    IVF ``pq-bank``'s re-rank vectors) count their tensor unless it is the bank's own storage (CPU
+    float32 bank)."""
+    total = 0
+    for t in (index._bank, index._rerank):   # torch-exact's tensor; pq-bank's re-rank vectors
+        if t is not None and not (bank_vectors is not None and t.data_ptr() == bank_vectors.data_ptr()):
+            total += int(t.numel() * t.element_size())
     if index._index is None:
-        return 0
+        return total
     try:
         import faiss
     except ImportError:  # pragma: no cover
-        return 0
+        return total
 
     def est(ix) -> int:
         ix = faiss.downcast_index(ix)
@@ -177,6 +186,6 @@ def index_nbytes(index: KnnIndex, bank_vectors: torch.Tensor | None = None) -> i
             return est(ix.storage) + int(ix.ntotal * ix.hnsw.nb_neighbors(0) * 4)
         return int(ix.ntotal * getattr(ix, "code_size", 4 * ix.d))
     try:
-        return est(index._index)
+        return total + est(index._index)
     except Exception:  # a GPU index or an unknown type: no estimate
         return -1

@@ -42,7 +42,9 @@ SEARCH_BATCH = 65_536  # queries per FAISS/torch search call, at most
 # candidate scores and ids: with the IVF-PQ index's k_factor at 256 (real embeddings can need it), 65k
 # queries took ~9 GB per worker, so calls are cut to keep that under this budget.
 SEARCH_BUFFER_BYTES = 256 << 20
-IVF_CODECS: tuple[str, ...] = ("pqfs", "sq8", "flat")
+# pqfs: PQ fast-scan codes re-ranked by FAISS against its own flat copy of the vectors (RFlat);
+# pq-bank: the same codes re-ranked against the indexed tensor itself (no copy: for a node-shared bank)
+IVF_CODECS: tuple[str, ...] = ("pqfs", "pq-bank", "sq8", "flat")
 _MAX_SIM_ELEMENTS = 1 << 27  # cap on one similarity block (query chunk x bank) in exact_knn_torch
 
 
@@ -158,6 +160,23 @@ def exact_knn_torch(bank: torch.Tensor, queries: torch.Tensor, k: int, *, exclud
     return _pad_topk(torch.cat(out_s), torch.cat(out_i), k)
 
 
+def rerank_exact(vectors: torch.Tensor, queries: torch.Tensor, candidates: torch.Tensor, k: int) -> KnnResult:
+    """The ``k`` best of each query's ``candidates`` (ids into ``vectors``, -1 = none) by exact inner
+    product, best first; queries taken in blocks of at most ~``SEARCH_BUFFER_BYTES`` of gathered rows."""
+    nq, m = candidates.shape
+    step = max(1, SEARCH_BUFFER_BYTES // max(1, m * vectors.shape[1] * 4))
+    scores, ids = [], []
+    for s in range(0, nq, step):
+        cand = candidates[s:s + step]
+        rows = vectors[cand.clamp_min(0)].float()                      # [b, m, d]
+        sim = torch.einsum("bmd,bd->bm", rows, queries[s:s + step].float())
+        sim = sim.masked_fill(cand < 0, float("-inf"))
+        top = sim.topk(min(k, m), dim=1)
+        scores.append(top.values)
+        ids.append(torch.gather(cand, 1, top.indices))
+    return _pad_topk(torch.cat(scores), torch.cat(ids), k)
+
+
 def _drop_excluded(res: KnnResult, exclude: torch.Tensor, k: int) -> KnnResult:
     """Remove ``exclude[i]`` ids (shape [n, m], -1 = none) from row i, keep order, cut to ``k``."""
     exclude = exclude.to(res.ids.device)
@@ -223,6 +242,7 @@ class KnnIndex:
         self._bank: Optional[torch.Tensor] = None  # torch-exact
         self._ivf: Any = None  # faiss-ivf: the IVF part of ``_index`` (owned by it; holds ``nprobe``)
         self._gpu_res: Any = None  # faiss-gpu resources (kept alive with the index)
+        self._rerank: Optional[torch.Tensor] = None  # faiss-ivf "pq-bank": the vectors candidates are re-ranked on
 
     @classmethod
     def build(cls, vectors: Array, backend: str = "auto", device: str = "cpu", *,
@@ -313,11 +333,14 @@ class KnnIndex:
         if not 1 <= nlist <= train_n:
             raise ConfigError(f"nlist must be in [1, {train_n}] (training vectors), got {nlist}")
         # PQ codebooks need training data (16 centroids per sub-quantiser): tiny corpora use the flat codec
-        codec = self.params.get("codec") or ("pqfs" if self.dim % 4 == 0 and train_n >= 1000 else "flat")
+        pq = self.dim % 4 == 0 and train_n >= 1000
+        codec = self.params.get("codec") or ("pqfs" if pq else "flat")
+        if codec == "pq-bank" and not pq:
+            codec = "flat"      # too few vectors to train PQ codebooks: exact codes (small anyway)
         if codec not in IVF_CODECS or (codec == "pqfs" and self.dim % 4):
             raise ConfigError(f"faiss-ivf codec must be one of {IVF_CODECS} ('pqfs' needs dim % 4 == 0), got {codec!r}")
-        key = {"pqfs": f"IVF{nlist},PQ{self.dim // 4}x4fs,RFlat", "sq8": f"IVF{nlist},SQ8",
-               "flat": f"IVF{nlist},Flat"}[codec]
+        key = {"pqfs": f"IVF{nlist},PQ{self.dim // 4}x4fs,RFlat", "pq-bank": f"IVF{nlist},PQ{self.dim // 4}x4fs",
+               "sq8": f"IVF{nlist},SQ8", "flat": f"IVF{nlist},Flat"}[codec]
         index = faiss.index_factory(self.dim, key, faiss.METRIC_INNER_PRODUCT)
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.niter, ivf.cp.seed, ivf.cp.spherical = int(self.params.get("niter", 10)), seed, True
@@ -336,21 +359,29 @@ class KnnIndex:
         index.add(x)
         self._index, self._ivf = index, ivf
         self.params.update({"nlist": nlist, "codec": codec, "factory": key})
-        if codec == "pqfs":
-            index.k_factor = float(self.params.get("k_factor") or 4)
+        rerank = codec in ("pqfs", "pq-bank")
+        fixed_k_factor = self.params.get("k_factor") is not None
+        if rerank:
+            self._set_k_factor(int(self.params.get("k_factor") or 4))
+        if codec == "pq-bank":
+            self._rerank = _to_tensor(vectors)        # the indexed tensor itself (float32, CPU): no copy
         ivf.nprobe = self._ivf_nprobe(nlist)
         target = self.params.get("target_recall", 0.96)
         if self.params.get("nprobe") is None and target is not None:
             ladder = sorted({min(nlist, max(1, round(max(1.0, nlist / 128) * 1.25**i))) for i in range(60)})
-            while True:  # pqfs: 4x more re-ranked candidates when even nprobe = nlist misses the target
+            while True:  # PQ: 4x more re-ranked candidates when even nprobe = nlist misses the target
                 self._calibrate(torch.from_numpy(x), "nprobe", ladder, lambda v: setattr(ivf, "nprobe", v))
-                if codec != "pqfs" or self.params.get("calib_recall", target) >= target or index.k_factor >= 256 \
-                        or self.params.get("k_factor") is not None:
+                if not rerank or self.params.get("calib_recall", target) >= target or self.params["k_factor"] >= 256 \
+                        or fixed_k_factor:
                     break
-                index.k_factor *= 4
+                self._set_k_factor(self.params["k_factor"] * 4)
         self.params["nprobe"] = ivf.nprobe
-        if codec == "pqfs":
-            self.params["k_factor"] = int(index.k_factor)
+
+    def _set_k_factor(self, k_factor: int) -> None:
+        """Re-ranked candidates per result: FAISS's own (``IndexRefine.k_factor``) for pqfs, ours for pq-bank."""
+        self.params["k_factor"] = int(k_factor)
+        if self.params.get("codec") == "pqfs":
+            self._index.k_factor = float(k_factor)
 
     def _build_faiss_hnsw(self, vectors: Array) -> None:
         faiss = _faiss()
@@ -405,6 +436,9 @@ class KnnIndex:
         x = _to_numpy_f32(q)
         if self.backend == "faiss-hnsw":
             self._index.hnsw.efSearch = max(int(self.params["ef_search"]), kk)
+        if self._rerank is not None:
+            _, i = self._index.search(x, min(self.ntotal, kk * self.params["k_factor"]))
+            return rerank_exact(self._rerank, torch.from_numpy(x), torch.from_numpy(i), kk)
         s, i = self._index.search(x, kk)  # many queries at once: FAISS splits them over its OpenMP threads
         return KnnResult(torch.from_numpy(s), torch.from_numpy(i))
 

@@ -152,7 +152,8 @@ def refresh_graph(graph, cfg: TrainConfig, epoch: int, model, data: WorkerData, 
         f"{d['encode_s']:.1f}s, index {d['index_s']:.2f}s, search {d['search_s']:.2f}s), recall@{cfg.global_k} "
         f"{d['recall_at_k']:.3f}, homophily {d['homophily']:.3f}"
         + (f", pseudo-label acc {d['pseudo_label_accuracy']:.3f}" if "pseudo_label_accuracy" in d else "")
-        + f"; index {graph.neighbours.index.params}, bank {d['bank_bytes'] / 2**20:.0f} MiB, index "
+        + f"; index {graph.neighbours.index.params}, bank {d['bank_bytes'] / 2**20:.0f} MiB"
+        + (" (one per node)" if d["bank_shared"] else "") + ", index "
         f"~{d['index_bytes'] / 2**20:.0f} MiB, peak RSS so far {peak_rss_kib() / 1024:.0f} MB")
     return d
 
