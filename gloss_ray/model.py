@@ -306,8 +306,9 @@ def encode(model: nn.Module, batches, device) -> tuple[torch.Tensor, torch.Tenso
     for b in batches:
         with autocast(device):
             lo, em = net(b["input_ids"].to(device), b["attention_mask"].to(device))
-        logits.append(lo.float().cpu())
-        embs.append(em.float().cpu())
+        # copies: a CLS embedding is a view into the batch's whole last hidden state, which it would keep alive
+        logits.append(lo.float().cpu().clone(memory_format=torch.contiguous_format))
+        embs.append(em.float().cpu().clone(memory_format=torch.contiguous_format))
     if not embs:
         return torch.zeros(0, net.num_classes), torch.zeros(0, net.encoder.config.hidden_size)
     return torch.cat(logits), torch.cat(embs)
