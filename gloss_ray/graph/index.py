@@ -162,15 +162,26 @@ def exact_knn_torch(bank: torch.Tensor, queries: torch.Tensor, k: int, *, exclud
 
 def rerank_exact(vectors: torch.Tensor, queries: torch.Tensor, candidates: torch.Tensor, k: int) -> KnnResult:
     """The ``k`` best of each query's ``candidates`` (ids into ``vectors``, -1 = none) by exact inner
-    product, best first; queries taken in blocks of at most ~``SEARCH_BUFFER_BYTES`` of gathered rows."""
+    product, best first. On a CPU float32 ``vectors`` FAISS computes the products in place
+    (``fvec_inner_products_by_idx``, threaded, no gathered copy); otherwise rows are gathered in torch.
+    Queries go in blocks of at most ~``SEARCH_BUFFER_BYTES`` of working memory."""
     nq, m = candidates.shape
-    step = max(1, SEARCH_BUFFER_BYTES // max(1, m * vectors.shape[1] * 4))
+    cpu = vectors.device.type == "cpu" and vectors.dtype == torch.float32 and vectors.is_contiguous()
+    step = max(1, SEARCH_BUFFER_BYTES // max(1, m * (4 if cpu else vectors.shape[1] * 4)))
     scores, ids = [], []
     for s in range(0, nq, step):
-        cand = candidates[s:s + step]
-        rows = vectors[cand.clamp_min(0)].float()                      # [b, m, d]
-        sim = torch.einsum("bmd,bd->bm", rows, queries[s:s + step].float())
-        sim = sim.masked_fill(cand < 0, float("-inf"))
+        cand, q = candidates[s:s + step], queries[s:s + step].float()
+        if cpu:
+            faiss = _faiss()
+            safe = cand.clamp_min(0).contiguous()
+            q = q.contiguous()
+            sim = torch.empty(cand.shape, dtype=torch.float32)
+            faiss.fvec_inner_products_by_idx(faiss.swig_ptr(sim.numpy()), faiss.swig_ptr(q.numpy()),
+                                             faiss.swig_ptr(vectors.numpy()), faiss.swig_ptr(safe.numpy()),
+                                             vectors.shape[1], cand.shape[0], m)
+        else:
+            sim = torch.einsum("bmd,bd->bm", vectors[cand.clamp_min(0).to(vectors.device)].float(), q.to(vectors.device))
+        sim = sim.cpu().masked_fill(cand < 0, float("-inf"))
         top = sim.topk(min(k, m), dim=1)
         scores.append(top.values)
         ids.append(torch.gather(cand, 1, top.indices))
