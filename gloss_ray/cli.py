@@ -120,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_sweep_options(p):
-    p.add_argument("--benchmarks", default="mr,r8,r52,ohsumed,20ng")
+    """The options of tune and bench: the fields of :class:`gloss_ray.sweep.SweepOptions`."""
+    from .options import BENCHMARKS
+
+    p.add_argument("--benchmarks", default=",".join(BENCHMARKS))
     p.add_argument("--losses", default="ce,gloss,scl",
                    help="comma-separated losses; bench also takes LOSS+global and LOSS@FRACTION (e.g. gloss+global@0.2)")
     p.add_argument("--seeds", type=int, default=3)
@@ -164,7 +167,8 @@ def cmd_predict_embed(args) -> int:
 def cmd_sweep(args) -> int:
     from . import sweep
 
-    return sweep.main(args)
+    fields = {f.name for f in dataclasses.fields(sweep.SweepOptions)}   # the sweep's flags, by name
+    return sweep.main(sweep.SweepOptions(**{k: v for k, v in vars(args).items() if k in fields}))
 
 
 def cmd_report(args) -> int:

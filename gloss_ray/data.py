@@ -252,6 +252,44 @@ def _load_hub(hf_dataset: str, text_column: str, label_column: str) -> tuple[dic
     return frames, files
 
 
+def _check_sources(benchmark, train_file, validation_file, test_file, hf_dataset) -> None:
+    """Exactly one of benchmark / train_file / hf_dataset; validation and test files only with a train file."""
+    given = [opt for opt, v in (("benchmark", benchmark), ("train_file", train_file),
+                                ("hf_dataset", hf_dataset)) if v is not None]
+    if len(given) != 1:
+        what = "none" if not given else " and ".join(given)
+        raise DataError(
+            "give exactly one of benchmark, train_file (--train-file) or hf_dataset (--hf-dataset); "
+            f"got {what}"
+        )
+    if train_file is None and (validation_file is not None or test_file is not None):
+        raise DataError(
+            "validation_file/test_file (--validation-file/--test-file) need train_file (--train-file)"
+        )
+
+
+def _benchmark_paths(benchmark: str, data_dir) -> tuple[str, dict]:
+    """A benchmark's name and split -> Parquet path (train always; the others where they exist)."""
+    name = benchmark.lower()
+    if name not in BENCHMARKS:
+        raise DataError(f"unknown benchmark '{benchmark}' (valid: {', '.join(BENCHMARKS)})")
+    from .download import find_or_download
+
+    folder = join(str(find_or_download(name, data_dir)), name)  # data_dir (a URI as is), $GLOSS_RAY_DATA, ./data, cache; else download
+    paths = {s: join(folder, f"{s}.parquet") for s in SPLITS}
+    return name, {s: p for s, p in paths.items() if s == "train" or is_file(p)}
+
+
+def _user_paths(train_file, validation_file, test_file) -> tuple[str, dict]:
+    """The corpus name (the train file's folder when it is named train.*, else its stem) and split -> path."""
+    paths = {"train": train_file, "validation": validation_file, "test": test_file}
+    # local paths as Path; s3:// / gs:// URIs stay strings (a Path would squash "//")
+    paths = {s: str(p) if is_uri(p) else Path(p).expanduser() for s, p in paths.items() if p is not None}
+    train = PurePosixPath(str(paths["train"]).split("://", 1)[-1]) if is_uri(paths["train"]) \
+        else paths["train"].resolve()
+    return (train.parent.name if train.stem in SPLITS else train.stem), paths
+
+
 def load_corpus(
     benchmark: str | None = None,
     *,
@@ -271,46 +309,19 @@ def load_corpus(
     ``max_samples`` (an int, or split -> int) then keeps at most that many rows per split.
     Benchmarks always use the columns ``text`` and ``label``.
     """
-    given = [opt for opt, v in (("benchmark", benchmark), ("train_file", train_file),
-                                ("hf_dataset", hf_dataset)) if v is not None]
-    if len(given) != 1:
-        what = "none" if not given else " and ".join(given)
-        raise DataError(
-            "give exactly one of benchmark, train_file (--train-file) or hf_dataset (--hf-dataset); "
-            f"got {what}"
-        )
-    if train_file is None and (validation_file is not None or test_file is not None):
-        raise DataError(
-            "validation_file/test_file (--validation-file/--test-file) need train_file (--train-file)"
-        )
+    _check_sources(benchmark, train_file, validation_file, test_file, hf_dataset)
     limits = _limits(max_samples)
-
-    raw: dict[str, pd.DataFrame] = {}
-    files: dict[str, str] = {}
     if hf_dataset is not None:
         name = hf_dataset
         raw, files = _load_hub(hf_dataset, text_column, label_column)
     else:
         if benchmark is not None:
-            name = benchmark.lower()
-            if name not in BENCHMARKS:
-                raise DataError(f"unknown benchmark '{benchmark}' (valid: {', '.join(BENCHMARKS)})")
-            from .download import find_or_download
-
-            folder = join(str(find_or_download(name, data_dir)), name)  # data_dir (a URI as is), $GLOSS_RAY_DATA, ./data, cache; else download
-            paths = {s: join(folder, f"{s}.parquet") for s in SPLITS}
-            paths = {s: p for s, p in paths.items() if s == "train" or is_file(p)}
-            text_column, label_column = "text", "label"
+            name, paths = _benchmark_paths(benchmark, data_dir)
+            text_column, label_column = "text", "label"     # benchmarks always use these
         else:
-            paths = {"train": train_file, "validation": validation_file, "test": test_file}
-            # local paths as Path; s3:// / gs:// URIs stay strings (a Path would squash "//")
-            paths = {s: str(p) if is_uri(p) else Path(p).expanduser() for s, p in paths.items() if p is not None}
-            train = PurePosixPath(str(paths["train"]).split("://", 1)[-1]) if is_uri(paths["train"]) \
-                else paths["train"].resolve()
-            name = train.parent.name if train.stem in SPLITS else train.stem
-        for split, path in paths.items():
-            raw[split] = _clean(_read_file(path), str(path), text_column, label_column)
-            files[split] = str(path)
+            name, paths = _user_paths(train_file, validation_file, test_file)
+        raw = {split: _clean(_read_file(path), str(path), text_column, label_column) for split, path in paths.items()}
+        files = {split: str(path) for split, path in paths.items()}
 
     label_names = _vocabulary(raw["train"], files["train"])
     if "validation" not in raw:

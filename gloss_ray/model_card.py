@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from .model import DEFAULT_MODEL, resolve_model_path
+from .options import DENSE
 
 MINILM_HUB = "sentence-transformers/all-MiniLM-L6-v2"
 LOSS_NAMES = {
@@ -38,7 +39,7 @@ def loss_settings(cfg) -> dict:
         return s
     s.update(lam=cfg.lam, lam_schedule=cfg.lam_schedule)
     if cfg.loss == "gloss":
-        s.update(gamma=cfg.gamma, sigma=cfg.sigma, sigma_schedule=cfg.sigma_schedule, k=cfg.k if cfg.k is not None else "dense",
+        s.update(gamma=cfg.gamma, sigma=cfg.sigma, sigma_schedule=cfg.sigma_schedule, k=cfg.k if cfg.k is not None else DENSE,
                  k_schedule=cfg.k_schedule, variant=cfg.variant, mask=cfg.mask)
         if cfg.global_k > 0:
             s.update(global_k=cfg.global_k, global_max_nodes=cfg.global_max_nodes, global_weight=cfg.global_weight,
@@ -76,13 +77,21 @@ def _num(v, digits=4) -> str:
 
 def render(cfg, metrics: dict, label_names) -> str:
     """The card's text (YAML front matter + Markdown)."""
-    from huggingface_hub import EvalResult, ModelCardData
-
     label_names = [str(n) for n in label_names]
     base_text, base_hub = _base_model(cfg)
     data_text, data_hub = _data(cfg, metrics, label_names)
+    title = f"{metrics.get('benchmark') or 'corpus'} text classifier ({cfg.loss}, gloss-ray)"
+    return (_front_matter(cfg, metrics, title, base_hub, data_hub)
+            + _description(cfg, metrics, title, base_text)
+            + _training(cfg, metrics, base_text, data_text)
+            + _USAGE)
+
+
+def _eval_results(cfg, metrics: dict) -> list:
+    """``model-index`` results: the test accuracy and macro-F1 that metrics.json holds."""
+    from huggingface_hub import EvalResult
+
     corpus = metrics.get("benchmark") or "corpus"
-    title = f"{corpus} text classifier ({cfg.loss}, gloss-ray)"
     results = []
     for metric, key, name in (("accuracy", "test_accuracy", "accuracy"), ("f1", "test_macro_f1", "macro-F1")):
         if isinstance(metrics.get(key), (int, float)):
@@ -90,23 +99,31 @@ def render(cfg, metrics: dict, label_names) -> str:
                                       dataset_name=corpus, dataset_split="test", metric_type=metric,
                                       metric_value=round(float(metrics[key]), 4), metric_name=f"test {name}",
                                       metric_config="macro" if metric == "f1" else None))
+    return results
+
+
+def _front_matter(cfg, metrics: dict, title: str, base_hub: str | None, data_hub: list[str] | None) -> str:
+    """The YAML metadata block (``huggingface_hub.ModelCardData``)."""
+    from huggingface_hub import ModelCardData
+
+    results = _eval_results(cfg, metrics)
     data = ModelCardData(library_name="transformers", pipeline_tag="text-classification", base_model=base_hub,
                          license="apache-2.0" if base_hub == MINILM_HUB else None,     # the base model's licence
                          datasets=data_hub, metrics=["accuracy", "f1"], model_name=title if results else None,
                          eval_results=results or None,
                          tags=["gloss-ray", cfg.loss, "text-classification", "sentence-transformers", "feature-extraction"])
-    command = cfg.extra.get("command")
-    settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in loss_settings(cfg).items())
-    config_yaml = yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k != "extra"}, sort_keys=False)
-    best = (f"best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')} run "
-            f"(validation macro-F1 {_num(metrics.get('best_val_macro_f1'))})")
-    objective = ("cross-entropy only" if cfg.loss == "ce" else
-                 f"`(1 - lam) * cross-entropy + lam * {cfg.loss}` on the pooled document embeddings of each global batch")
     return f"""---
 {data.to_yaml()}
 ---
 
-# {title}
+"""
+
+
+def _description(cfg, metrics: dict, title: str, base_text: str) -> str:
+    """The title, what the model is, and its test results."""
+    best = (f"best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')} run "
+            f"(validation macro-F1 {_num(metrics.get('best_val_macro_f1'))})")
+    return f"""# {title}
 
 A text classifier fine-tuned from **{base_text}** with gloss-ray and
 {LOSS_NAMES.get(cfg.loss, cfg.loss)}. The same folder is a transformers sequence classifier
@@ -123,7 +140,18 @@ document embeddings the loss was applied to.
 
 Model selection: {best}.
 
-## Training
+"""
+
+
+def _training(cfg, metrics: dict, base_text: str, data_text: str) -> str:
+    """How it was trained: base model, objective, data, optimisation, the loss's settings, the
+    command and the full configuration."""
+    command = cfg.extra.get("command")
+    settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in loss_settings(cfg).items())
+    config_yaml = yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k != "extra"}, sort_keys=False)
+    objective = ("cross-entropy only" if cfg.loss == "ce" else
+                 f"`(1 - lam) * cross-entropy + lam * {cfg.loss}` on the pooled document embeddings of each global batch")
+    return f"""## Training
 
 - **Base model:** {base_text}
 - **Objective:** {objective}
@@ -154,7 +182,10 @@ Command:
 
 </details>
 
-## Usage
+"""
+
+
+_USAGE = """## Usage
 
 ```python
 from sentence_transformers import SentenceTransformer

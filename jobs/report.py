@@ -23,24 +23,32 @@ from finetune import STORAGE_ENV, load_cli, run  # noqa: E402
 RESULT_FILES = ("metrics.json", "history.csv", "trials.json")
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
+def _storage():
+    """:mod:`gloss_ray.storage`, from the installed package or else from this checkout."""
+    load_cli()
+    from gloss_ray import storage
+
+    return storage
+
+
+def _wanted(rel: str) -> bool:
+    """Whether the report reads this file (path relative to the results folder): the small result
+    files and run plots, nothing inside a checkpoint."""
+    parts = rel.split("/")
+    wanted = parts[-1] in RESULT_FILES or (len(parts) > 1 and parts[-2] == "plots" and rel.endswith(".png"))
+    return wanted and not any(p.startswith("checkpoint_") for p in parts)
 
 
 def fetch_results(uri: str, local: Path) -> int:
     """Copy the files the report reads from ``uri`` to ``local``; returns how many."""
     import pyarrow.fs as pafs
 
-    fs, root = pafs.FileSystem.from_uri(uri)
+    fs, root = _storage().filesystem(uri)
     root = root.rstrip("/")
     n = 0
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
-        if info.type != pafs.FileType.File:
-            continue
         rel = info.path[len(root):].lstrip("/")
-        parts = rel.split("/")
-        wanted = parts[-1] in RESULT_FILES or (len(parts) > 1 and parts[-2] == "plots" and rel.endswith(".png"))
-        if not wanted or any(p.startswith("checkpoint_") for p in parts):
+        if info.type != pafs.FileType.File or not _wanted(rel):
             continue
         dest = local / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -58,28 +66,21 @@ def main(argv: list[str] | None = None) -> int:
     results = args.results_dir or os.environ.get(STORAGE_ENV)
     if not results:
         parser.error(f"give RESULTS_DIR or set ${STORAGE_ENV}")
-    out = args.out or results.rstrip("/") + "/report"
-    if not _is_uri(results) and not _is_uri(out):
+    storage = _storage()
+    out = args.out or storage.join(results, "report")
+    if not storage.is_uri(results) and not storage.is_uri(out):
         return run("report", [results, "--out", out], storage_option=False)
 
     with tempfile.TemporaryDirectory(prefix="gloss_ray_report_") as tmp:
         local_results, local_out = Path(tmp) / "results", Path(tmp) / "report"
-        if _is_uri(results):
+        if storage.is_uri(results):
             print(f"[gloss-ray job] fetching result files from {results}", flush=True)
             print(f"[gloss-ray job] {fetch_results(results, local_results)} file(s) fetched", flush=True)
         else:
             local_results = Path(results)
         status = run("report", [str(local_results), "--out", str(local_out)], storage_option=False)
         if status == 0:
-            load_cli()
-            from gloss_ray.storage import upload_dir
-
-            if _is_uri(out):
-                upload_dir(local_out, out)
-            else:
-                import shutil
-
-                shutil.copytree(local_out, out, dirs_exist_ok=True)
+            storage.upload_dir(local_out, out)     # a URI or a local folder
             print(f"[gloss-ray job] report written to {out}", flush=True)
         return status
 

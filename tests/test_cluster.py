@@ -7,7 +7,7 @@ started here (`ray start --head`) through the Job Submission API - what `ray job
 * a job that fails after epoch 1's checkpoint, re-submitted with the same --name/--storage: it
   succeeds and resumes after epoch 1 (each epoch in history.csv once);
 * a report job reading the runs through a storage URI;
-* a sweep job whose report lands in the storage path (skipped until gloss_ray.sweep exists).
+* a sweep job whose report lands in the storage path.
 
 The head node gets its own --temp-dir and free ports, so an in-process ``ray.init()`` of another
 test module is neither joined nor disturbed; this module never calls ``ray.init``. Teardown
@@ -41,7 +41,6 @@ DATA = Path(os.environ["GLOSS_RAY_DATA"])   # conftest: found, downloaded or giv
 JOBS = ("finetune", "sweep", "benchmark", "report")
 JOB_TIMEOUT_S = 300
 RAY_CLI = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
-HAVE_SWEEP = importlib.util.find_spec("gloss_ray.sweep") is not None
 ADDRESS_VARS = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")  # would override any address given to Ray's job client
 # Environment of the head node (and so of every job driver / worker on it).
 CLUSTER_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
@@ -410,15 +409,14 @@ def jobs(cluster, tiny_model_dir):
     submitted["resume"] = resume
 
     # 3. a sweep (Tune search of 1 trial + 1 final run + report)
-    if HAVE_SWEEP:
-        base = {"model": tiny_model_dir, "data_dir": DATA, "max_train": 64, "max_eval": 32, "max_length": 32,
-                "batch_size": 16, "epochs": 1, "cache_dir": work / "token-cache-sweep"}
-        sets = " ".join(f"--set {k}={v}" for k, v in base.items())
-        storage = work / "sweep-bucket"
-        entrypoint = (f"python jobs/sweep.py --benchmarks mr --losses ce --seeds 1 --samples 1 --concurrency 1 "
-                      f"--space tune_spaces/default.yaml --workers 1 --storage {storage} --name sweep {sets}")
-        submitted["sweep"] = {"storage": storage,
-                              "id": client.submit_job(entrypoint=entrypoint, runtime_env=_runtime_env())}
+    base = {"model": tiny_model_dir, "data_dir": DATA, "max_train": 64, "max_eval": 32, "max_length": 32,
+            "batch_size": 16, "epochs": 1, "cache_dir": work / "token-cache-sweep"}
+    sets = " ".join(f"--set {k}={v}" for k, v in base.items())
+    storage = work / "sweep-bucket"
+    entrypoint = (f"python jobs/sweep.py --benchmarks mr --losses ce --seeds 1 --samples 1 --concurrency 1 "
+                  f"--space tune_spaces/default.yaml --workers 1 --storage {storage} --name sweep {sets}")
+    submitted["sweep"] = {"storage": storage,
+                          "id": client.submit_job(entrypoint=entrypoint, runtime_env=_runtime_env())}
     return submitted
 
 
@@ -475,7 +473,6 @@ def test_submitted_report_job_reads_storage_uri(cluster, jobs):
 
 
 @pytest.mark.ray
-@pytest.mark.skipif(not HAVE_SWEEP, reason="gloss_ray.sweep is not written yet (jobs/sweep.py calls it)")
 def test_submitted_sweep_report_lands_in_storage(cluster, jobs):
     """`python jobs/sweep.py` as a job: search, final run and the report, all in the storage path."""
     logs = _wait(cluster, jobs["sweep"]["id"], "SUCCEEDED")

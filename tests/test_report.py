@@ -246,3 +246,38 @@ def test_run_key():
     assert run_key(m) == "gloss+global@0.1"
     assert run_key(m, multi_variant=True) == "gloss/paper+global@0.1"
     assert run_key({"loss": "ce", "label_fraction": 1.0}) == "ce"
+
+
+def test_statistics_without_drawing():
+    """gloss_ray.report.stats is plain maths: exact paired difference, reproducible bootstrap."""
+    from gloss_ray.report.stats import bootstrap_ci, describe, paired_difference
+    ours, base = {0: 0.8, 1: 0.9, 2: 0.7, 9: 0.5}, {0: 0.75, 1: 0.8, 2: 0.72}
+    d = paired_difference(ours, base)
+    diff = np.subtract([0.8, 0.9, 0.7], [0.75, 0.8, 0.72])
+    assert d["n_pairs"] == 3 and d["seeds"] == [0, 1, 2]
+    assert d["mean_diff"] == pytest.approx(diff.mean())
+    assert (d["ci_low"], d["ci_high"]) == bootstrap_ci(diff) == bootstrap_ci(diff)
+    assert diff.min() <= d["ci_low"] <= d["mean_diff"] <= d["ci_high"] <= diff.max()
+    assert d["p_value"] == pytest.approx(stats.ttest_rel([0.8, 0.9, 0.7], [0.75, 0.8, 0.72]).pvalue)
+    assert describe([1, 2, None, float("nan"), True]) == {"mean": 1.5, "std": float(np.std([1, 2], ddof=1)),
+                                                           "n": 2}
+
+
+def test_report_orders_and_labels_with_the_option_names():
+    from gloss_ray.options import BENCHMARK_LABELS, BENCHMARKS, DENSE, LOSSES
+    from gloss_ray.report.collect import bench_rank, key_rank
+    from gloss_ray.report.figures import bench_label, value_label
+    assert sorted(["custom", *reversed(BENCHMARKS)], key=bench_rank) == [*BENCHMARKS, "custom"]
+    assert sorted(["zzz", *(f"{x}+global" for x in reversed(LOSSES))], key=key_rank) \
+        == [*(f"{x}+global" for x in LOSSES), "zzz"]
+    assert [bench_label(b) for b in BENCHMARKS] == [BENCHMARK_LABELS[b] for b in BENCHMARKS]
+    assert value_label("k", None) == value_label("k", DENSE) == DENSE and value_label("sigma", None) == "None"
+    assert value_label("lr", 2e-5) == "2e-05" and value_label("k", 8) == "8"
+
+
+def test_python_m_entry_point(results, tmp_path, capsys):
+    from gloss_ray.report import main
+    assert main([]) == 2 and "usage" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope")]) == 2 and "does not exist" in capsys.readouterr().err
+    assert main([str(results["root"] / "runs" / "mr-ce-1.0-s0"), str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "out" / "report.html")

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from gloss_ray.errors import ConfigError
-from gloss_ray.spaces import (BENCHMARKS, KNOWN_PARAMS, LOSSES, Dist, decode_params, load_space,
-                              to_tune)
+from gloss_ray.options import BENCHMARKS, LOSSES, OPTIONS
+from gloss_ray.sweep.spaces import KNOWN_PARAMS, Dist, decode_params, load_space, to_tune
 
 SPACE_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
 SPACE_FILES = sorted(SPACE_DIR.glob("*.yaml")) + sorted(SPACE_DIR.glob("*.yml"))
@@ -75,7 +75,7 @@ BAD = {
     "bad schedule": ("loss: gloss\nparams: {lam_schedule: exp}\n", "params.lam_schedule"),
     "k not int": ("loss: gloss\nparams: {k: {uniform: [1, 8]}}\n", "params.k"),
     "randint out of range": ("loss: gloss\nparams: {k: {randint: [0, 8]}}\n", "params.k"),
-    "range outside valid": ("loss: ce\nparams: {lr: {uniform: [0.5, 2.0]}}\n", "params.lr"),
+    "range outside valid": ("loss: ce\nparams: {lr: {uniform: [-0.5, 1.0e-3]}}\n", "params.lr"),
     "unknown distribution": ("loss: ce\nparams: {lr: {normal: [0, 1]}}\n", "params.lr"),
     "unknown benchmark": ("loss: gloss\nparams: {lam: 0.5}\noverrides: {imdb: {lam: 0.2}}\n",
                           "overrides.imdb"),
@@ -130,3 +130,16 @@ def test_to_tune_types_and_optuna_accepts_it():
 def test_decode_params():
     assert decode_params({"k": "dense", "lr": 1e-5}) == {"k": None, "lr": 1e-5}
     assert decode_params({"k": 8}) == {"k": 8}
+
+
+def test_space_parameters_are_the_searchable_options():
+    """One table: a space takes exactly the options marked searchable, checked by the same rule."""
+    assert set(KNOWN_PARAMS) == {name for name, opt in OPTIONS.items() if opt.searchable}
+    assert "loss" not in KNOWN_PARAMS and {"lr", "k", "head_lr"} <= set(KNOWN_PARAMS)
+
+
+def test_space_values_are_checked_by_the_options_own_check(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("loss: ce\nparams: {lr: 0}\n")
+    with pytest.raises(ConfigError, match="params.lr: value 0 is invalid: must be a number > 0"):
+        load_space(p)

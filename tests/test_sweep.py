@@ -4,7 +4,9 @@ stopping the sweep, no resources left behind by stopped trials, final runs with 
 configuration, the report's numbers, and re-running an interrupted sweep without re-running
 finished work (a real Ctrl-C mid-search: ``-m slow``).
 
-One sweep (module fixture, ~18 Ray Train runs) feeds most tests and takes nearly all the time."""
+One sweep (module fixture, ~18 Ray Train runs) feeds most tests and takes nearly all the time. The
+workaround of :mod:`gloss_ray.sweep.ray_cleanup` (a stopped trial's Train placement group) has its
+own small Tune search, with and without it."""
 import contextlib
 import io
 import json
@@ -22,7 +24,9 @@ import pytest  # noqa: E402
 
 from gloss_ray import cli  # noqa: E402
 from gloss_ray.errors import ConfigError  # noqa: E402
-from gloss_ray.sweep import ENDED, parse_sets  # noqa: E402
+from gloss_ray.errors import GlossRayError  # noqa: E402
+from gloss_ray.sweep.plan import parse_sets  # noqa: E402
+from gloss_ray.sweep.search import ENDED, search_seed  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -94,14 +98,16 @@ def _run(argv) -> tuple[int, str]:
 
 def _interrupt_after_first_trial(exp: Path, seen: dict) -> threading.Thread:
     """Ctrl-C (SIGINT to this process) once the first trial of ``exp`` has ended; ``seen`` gets
-    what the ended trials left on disk at that moment (end marker -> mtime, checkpoints -> None)."""
+    the mtimes of what the ended trials left on disk at that moment: the end marker and the run's
+    metrics.json, if it got that far (rewritten if the trial ended or trained again; its
+    checkpoints cannot tell, they are removed once the search is done)."""
     def watch():
         deadline = time.time() + 900
         while time.time() < deadline:
             ended = sorted(exp.glob(f"*/{ENDED}"))
             if ended:
-                seen.update({p: p.stat().st_mtime_ns for p in ended})
-                seen.update({p: None for e in ended for p in e.parent.glob("run/checkpoint_*")})
+                files = [p for e in ended for p in (e, e.parent / "run" / "metrics.json")]
+                seen.update({p: p.stat().st_mtime_ns for p in files if p.exists()})
                 os.kill(os.getpid(), signal.SIGINT)
                 return
             time.sleep(0.2)
@@ -164,6 +170,103 @@ def test_stopped_trials_leave_no_workers_or_reservations(sweep, ray_session):
         time.sleep(1)
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
     assert "still hold their workers" not in sweep["out"]
+
+
+def _endless_train(config):
+    """Train worker: an epoch every 0.2 s, far longer than the test lets it run."""
+    import ray.train
+
+    for epoch in range(1, 3000):
+        time.sleep(0.2)
+        ray.train.report({"epoch": epoch})
+
+
+def _endless_trial(config, registry, storage):
+    """A Tune trial driving its own Train V2 run, as gloss_ray.sweep.search._trial does."""
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from gloss_ray.sweep.ray_cleanup import register_run
+
+    trial_id = tune.get_context().get_trial_id()
+    callbacks = [TuneReportCallback()] + ([register_run(registry, trial_id)] if registry else [])
+    TorchTrainer(_endless_train, scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                 run_config=ray.train.RunConfig(name=trial_id, storage_path=storage, callbacks=callbacks)).fit()
+
+
+def _live_groups(ray, wait_s: float = 0) -> list[dict]:
+    """Placement groups not removed (after waiting up to ``wait_s`` for there to be none)."""
+    from ray.util.placement_group import placement_group_table
+
+    deadline = time.time() + wait_s
+    while True:
+        live = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+        if not live or time.time() >= deadline:
+            return live
+        time.sleep(1)
+
+
+def _stop_a_trial_at_epoch_2(tmp_path, registry: str | None):
+    """A one-trial Tune search whose trial Tune stops at epoch 2 (a stopper: the same path as ASHA)."""
+    from ray import tune
+
+    from gloss_ray.sweep.ray_cleanup import StopTrainRuns
+
+    trainable = tune.with_parameters(_endless_trial, registry=registry, storage=str(tmp_path / "runs"))
+    tuner = tune.Tuner(tune.with_resources(trainable, {"CPU": 0, "memory": 1}),
+                       run_config=tune.RunConfig(name="stop", storage_path=str(tmp_path), stop={"epoch": 2}, verbose=0,
+                                                 callbacks=[StopTrainRuns(registry)] if registry else []))
+    results = tuner.fit()
+    assert results[0].error is None and results[0].metrics["epoch"] == 2      # stopped mid-run
+    return results
+
+
+def test_a_stopped_trial_leaves_no_placement_group(ray_session, tmp_path):
+    """gloss_ray.sweep.ray_cleanup works: Tune stops a trial mid-run, the registry saw its Train
+    controller and aborted the run, and no placement group (no reserved CPU) is left behind."""
+    from gloss_ray.sweep.ray_cleanup import registry_status, released, run_registry
+
+    assert _live_groups(ray_session, wait_s=30) == []
+    with run_registry(str(tmp_path)) as registry:
+        with released(registry):
+            _stop_a_trial_at_epoch_2(tmp_path, registry)
+        status = registry_status(registry)
+    assert status == {"live": 0, "registered": 1, "stopped": 1, "freed": 0}, status
+    assert _live_groups(ray_session, wait_s=30) == []
+
+
+def test_without_the_workaround_a_stopped_trial_leaks_its_placement_group(ray_session, tmp_path):
+    """The upstream behaviour gloss_ray.sweep.ray_cleanup works around (Ray 2.60, no dashboard):
+    Tune removes the trial actor, and the Train controller's placement group, owned by the job,
+    outlives it. When this fails, Ray frees the group itself: drop the workaround."""
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    assert _live_groups(ray_session, wait_s=30) == []
+    _stop_a_trial_at_epoch_2(tmp_path, None)
+    time.sleep(5)                            # longer than Train's own cleaner polls (1 s)
+    leaked = _live_groups(ray_session)
+    for pg in leaked:                        # give the CPU back for the other tests
+        remove_placement_group(PlacementGroup(ray_session.PlacementGroupID.from_hex(pg["placement_group_id"])))
+    assert len(leaked) == 1 and leaked[0]["bundles"] == {0: {"CPU": 1.0}}, leaked
+
+
+def test_the_workaround_refuses_an_untested_ray_version():
+    from gloss_ray.sweep.ray_cleanup import TESTED_RAY, check_ray_version
+
+    check_ray_version()                                   # the installed Ray
+    check_ray_version(".".join(map(str, TESTED_RAY[1])) + ".3")
+    for version in ("2.59.0", "2.61.0", "3.0.0", "nightly"):
+        with pytest.raises(GlossRayError, match=r"gloss_ray\.sweep\.ray_cleanup .* not " + version):
+            check_ray_version(version)
+
+
+def test_search_seeds_are_stable_and_differ_per_benchmark_and_loss():
+    """Issue 15: every benchmark x loss search gets its own Optuna seed, the same on every run."""
+    assert search_seed(0, "mr", "gloss") == search_seed(0, "mr", "gloss") == 737548293   # not Python's salted hash
+    seeds = {search_seed(s, b, l) for s in (0, 1) for b in ("mr", "r8", "r52") for l in ("ce", "gloss", "scl")}
+    assert len(seeds) == 18 and all(0 <= x < 2 ** 32 for x in seeds)
 
 
 def test_failing_trials_are_reported_and_the_sweep_goes_on(sweep):
@@ -261,10 +364,11 @@ def test_ctrl_c_during_a_search_then_the_same_command_resumes_it(ray_session, ti
     rc, out = _run(argv)
     assert rc == 0 and "search mr x ce: resuming the interrupted search" in out
     assert f"search mr x ce: {SAMPLES}/{SAMPLES} trials done" in out and "final mr x ce seed 0: test acc" in out
-    markers = {p for p, v in seen.items() if v is not None}
-    assert markers and all(p.stat().st_mtime_ns == seen[p] for p in markers)   # not ended a second time
-    assert {p for p, v in seen.items() if v is None} == \
-        {p for m in markers for p in m.parent.glob("run/checkpoint_*")}       # nor trained again
+    markers = {p for p in seen if p.name == ENDED}
+    assert markers and [p for p in seen if p.stat().st_mtime_ns != seen[p]] == []   # not ended a second time
+    for m in markers:                      # nor trained again: Tune's result.json has a row per epoch it saw
+        rows = (m.parent / "result.json").read_text().splitlines()
+        assert len(rows) == json.loads(m.read_text())["epoch"], m
     trials = json.loads((exp / "trials.json").read_text())
     assert len(trials) == SAMPLES and {m.parent.name for m in markers} <= {t["trial_id"] for t in trials}
     assert all(t["status"] != "ERROR" for t in trials) and len(list(exp.glob("*/params.json"))) == SAMPLES

@@ -1,10 +1,11 @@
-"""Ray Tune search spaces read from YAML files (``tune_spaces/*.yaml``).
+"""Ray Tune search spaces read from YAML files (``tune_spaces/*.yaml``): :func:`load_space`.
 
 Schema
 ------
 A space file is a mapping with these top-level keys (any other key is an error):
 
-``loss``        name of the loss the file tunes (single-loss form), one of :data:`LOSSES`.
+``loss``        name of the loss the file tunes (single-loss form), one of
+                :data:`gloss_ray.options.LOSSES`.
 ``losses``      several losses in one file (multi-loss form), ``{loss: block}``. A block is
                 either a plain ``{param: spec}`` mapping, or ``{params: {...}, overrides: {...}}``
                 when it needs its own per-benchmark overrides. Exactly one of ``loss`` /
@@ -12,8 +13,8 @@ A space file is a mapping with these top-level keys (any other key is an error):
 ``params``      ``{param: spec}``. In the single-loss form, the loss's space; in the multi-loss
                 form, parameters shared by every loss (a loss's own block wins).
 ``overrides``   ``{benchmark: {param: spec}}``: per-benchmark replacements or additions, benchmark
-                one of :data:`BENCHMARKS`. In the multi-loss form they apply to every loss, and a
-                loss's own ``overrides`` win over them.
+                one of :data:`gloss_ray.options.BENCHMARKS`. In the multi-loss form they apply to
+                every loss, and a loss's own ``overrides`` win over them.
 ``metric``      metric to optimise (default ``val_macro_f1``).
 ``mode``        ``max`` (default) or ``min``.
 ``description`` free text, ignored.
@@ -30,112 +31,42 @@ distribution (bounds as in :mod:`ray.tune`):
 * ``{randint: [lo, hi]}``              integer in [lo, hi) -- *hi is exclusive* (``tune.randint``);
 * ``{quniform: [lo, hi, q]}``          float in [lo, hi] rounded to a multiple of q > 0.
 
-Parameter names and valid values are in :data:`KNOWN_PARAMS`; every constant, choice and range
-bound is checked against them. Integer parameters (``k``, ``batch_size``, ``epochs``,
-``global_k``) take constants, ``choice`` or ``randint`` only. ``k: null`` and ``k: dense`` both
-mean the dense graph and load as ``None``; Ray Tune's Optuna searcher (Ray 2.60, Optuna 5) accepts
+Parameters are the options of :data:`gloss_ray.options.OPTIONS` marked ``searchable``
+(:data:`KNOWN_PARAMS`); every constant, choice and range bound is checked with that option's own
+check, so a space accepts exactly what a config file does. Integer options (``k``, ``batch_size``,
+``epochs``, ``global_k``, ...) take constants, ``choice`` or ``randint`` only. ``k: null`` and
+``k: dense`` both mean the dense graph and load as ``None``
+(:func:`gloss_ray.options.dense_to_none`); Ray Tune's Optuna searcher (Ray 2.60, Optuna 5) accepts
 ``None`` inside ``tune.choice``, so :func:`to_tune` keeps it. :func:`decode_params` still maps a
 ``"dense"`` string (e.g. from a hand-written config or a CSV round-trip) back to ``None``.
 
-Numbers such as ``1e-5`` (no dot) are read as floats, unlike plain YAML 1.1, and a repeated key in
-one mapping is an error rather than silently overwriting. Every error is a
-:class:`~gloss_ray.errors.ConfigError` whose one-line message names the file and the key path,
+The file is read with :func:`gloss_ray.options.load_yaml`, as every gloss-ray file: numbers such
+as ``1e-5`` (no dot) are floats, unlike plain YAML 1.1, and a repeated key in one mapping is an
+error rather than silently overwriting. Every error is a :class:`~gloss_ray.errors.ConfigError`
+whose one-line message names the file and the key path,
 e.g. ``tune_spaces/x.yaml: overrides.r52.k: randint low 0 is invalid: must be >= 1``.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
-from gloss_ray.errors import ConfigError
+from ..errors import ConfigError
+from ..options import BENCHMARKS, LOSSES, OPTIONS, Option, dense_to_none, load_yaml
 
-BENCHMARKS = ("mr", "r8", "r52", "ohsumed", "20ng")
-LOSSES = ("ce", "gloss", "scl", "triplet", "contrastive")
-SCHEDULES = ("constant", "linear_warmup", "cosine", "step")
-SIGMA_STRATEGIES = ("root", "dicm", "batch", "batch-dicm")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "quniform")
 TOP_LEVEL_KEYS = ("loss", "losses", "params", "overrides", "metric", "mode", "description")
-DENSE = "dense"
+# the parameters a space may set: the searchable options, with their checks
+KNOWN_PARAMS: dict[str, Option] = {name: opt for name, opt in OPTIONS.items() if opt.searchable}
 
 
-# --------------------------------------------------------------------------- parameter checks
 def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _number(lo: float | None = None, hi: float | None = None, lo_open=False, hi_open=False,
-            integer=False) -> Callable[[Any], None]:
-    """Validator for a number in the interval given by lo/hi (None = unbounded)."""
-    left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-    what = "an integer" if integer else "a number"
-    if hi is None:
-        bounds = f"{'>' if lo_open else '>='} {lo}"
-    else:
-        bounds = f"in {left}{'-inf' if lo is None else lo}, {hi}{right}"
-
-    def check(v: Any) -> None:
-        if not _is_num(v) or (integer and not isinstance(v, int)):
-            raise ValueError(f"must be {what}")
-        if lo is not None and (v < lo or (lo_open and v == lo)) or \
-                hi is not None and (v > hi or (hi_open and v == hi)):
-            raise ValueError(f"must be {what} {bounds}")
-    return check
-
-
-def _one_of(options: tuple[str, ...]) -> Callable[[Any], None]:
-    def check(v: Any) -> None:
-        if v not in options or not isinstance(v, str):
-            raise ValueError(f"must be one of {', '.join(options)}")
-    return check
-
-
-def _sigma(v: Any) -> None:
-    if isinstance(v, str):
-        _one_of(SIGMA_STRATEGIES)(v)
-    elif not _is_num(v) or v <= 0:
-        raise ValueError(f"must be a number > 0 or one of {', '.join(SIGMA_STRATEGIES)}")
-
-
-def _k(v: Any) -> None:
-    if v is not None:
-        _number(1, integer=True)(v)
-
-
-@dataclass(frozen=True)
-class Param:
-    """A known hyper-parameter: ``check(value)`` raises ValueError(reason) for a bad value;
-    ``integer`` parameters reject the float distributions (uniform, loguniform, quniform)."""
-    check: Callable[[Any], None]
-    integer: bool = False
-    doc: str = ""
-
-
-KNOWN_PARAMS: dict[str, Param] = {
-    "lr": Param(_number(0, 1, True, True), doc="learning rate, (0, 1)"),
-    "lam": Param(_number(0, 1), doc="weight of the auxiliary loss, [0, 1]"),
-    "lam_schedule": Param(_one_of(SCHEDULES), doc="schedule of lam"),
-    "sigma": Param(_sigma, doc="kernel width > 0 or a strategy name"),
-    "sigma_schedule": Param(_one_of(SCHEDULES), doc="schedule of sigma"),
-    "k": Param(_k, integer=True, doc="k-NN sparsification of the batch graph; null/dense = dense"),
-    "k_schedule": Param(_one_of(SCHEDULES), doc="schedule of k"),
-    "gamma": Param(_number(0, 1, True, True), doc="fraction of visible nodes, (0, 1)"),
-    "variant": Param(_one_of(("nll", "paper")), doc="G-Loss scoring variant"),
-    "mask": Param(_one_of(("random", "stratified")), doc="how visible nodes are drawn"),
-    "temperature": Param(_number(0, lo_open=True), doc="SCL temperature > 0"),
-    "margin": Param(_number(0, lo_open=True), doc="triplet/contrastive margin > 0"),
-    "batch_size": Param(_number(2, integer=True), integer=True, doc="integer >= 2"),
-    "weight_decay": Param(_number(0), doc=">= 0"),
-    "warmup_ratio": Param(_number(0, 1, hi_open=True), doc="[0, 1)"),
-    "epochs": Param(_number(1, integer=True), integer=True, doc="integer >= 1"),
-    "global_k": Param(_number(0, integer=True), integer=True, doc="global-graph neighbours, >= 0"),
-    "global_weight": Param(_number(0), doc="weight of global-graph edges, >= 0"),
-}
 
 
 # --------------------------------------------------------------------------- spec objects
@@ -181,25 +112,6 @@ class Space:
 
 
 # --------------------------------------------------------------------------- loading
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e-5`` as a float and refuses duplicate keys."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
-
 class _Ctx:
     """Builds one-line errors naming the file and the key path."""
 
@@ -230,12 +142,12 @@ def _parse_spec(ctx: _Ctx, where: str, name: str, raw: Any) -> Any:
     if name not in KNOWN_PARAMS:
         raise ctx.fail(where, f"unknown parameter {name!r} (known: {', '.join(KNOWN_PARAMS)})")
     param = KNOWN_PARAMS[name]
-    fix = (lambda v: None if v == DENSE else v) if name == "k" else (lambda v: v)
     if isinstance(raw, list):
         raise ctx.fail(where, "a list is not a spec; write {choice: [...]}")
     if not isinstance(raw, dict):
-        _check_value(ctx, where, name, fix(raw))
-        return fix(raw)
+        value = dense_to_none(name, raw)
+        _check_value(ctx, where, name, value)
+        return value
     if len(raw) != 1 or next(iter(raw)) not in DISTRIBUTIONS:
         raise ctx.fail(where, f"must be a constant or a mapping with one key of "
                               f"{', '.join(DISTRIBUTIONS)}, got keys {', '.join(map(str, raw))}")
@@ -243,7 +155,7 @@ def _parse_spec(ctx: _Ctx, where: str, name: str, raw: Any) -> Any:
     if not isinstance(args, list) or not args:
         raise ctx.fail(where, f"{kind} needs a non-empty list")
     if kind == "choice":
-        opts = [fix(v) for v in args]
+        opts = [dense_to_none(name, v) for v in args]
         for v in opts:
             _check_value(ctx, where, name, v, "choice")
         return Dist("choice", tuple(opts))
@@ -284,15 +196,14 @@ def _parse_overrides(ctx: _Ctx, where: str, raw: Any) -> dict[str, dict[str, Any
     return out
 
 
-def load_space(path: str | Path) -> Space:
-    """Read and validate a search-space file (schema in the module docstring)."""
-    ctx = _Ctx(str(path))
+def _read(ctx: _Ctx, path: str | Path) -> dict:
+    """The file's top-level mapping, its keys checked."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read search space: {e.strerror or e}") from None
     try:
-        doc = yaml.load(text, Loader=_Loader)
+        doc = load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "yaml"
@@ -303,42 +214,58 @@ def load_space(path: str | Path) -> Space:
             raise ctx.fail(key, f"unknown top-level key (known: {', '.join(TOP_LEVEL_KEYS)})")
     if ("loss" in doc) == ("losses" in doc):
         raise ctx.fail("loss", "give exactly one of 'loss' (one loss) or 'losses' (several)")
+    return doc
+
+
+def _objective(ctx: _Ctx, doc: dict) -> tuple[str, str]:
     metric = doc.get("metric", "val_macro_f1")
     if not isinstance(metric, str) or not metric:
         raise ctx.fail("metric", "must be a non-empty string")
     mode = doc.get("mode", "max")
     if mode not in ("max", "min"):
         raise ctx.fail("mode", f"must be max or min, got {mode!r}")
-    shared = _parse_params(ctx, "params", doc.get("params"))
-    shared_over = _parse_overrides(ctx, "overrides", doc.get("overrides"))
+    return metric, mode
 
+
+def _blocks(ctx: _Ctx, doc: dict) -> dict[str, tuple[str, Any]]:
+    """``{loss: (key path, raw block)}`` of either form."""
     if "loss" in doc:
         if not isinstance(doc["loss"], str):
             raise ctx.fail("loss", f"must be a loss name ({', '.join(LOSSES)})")
-        blocks = {doc["loss"]: ("", {})}
-    else:
-        raw = ctx.mapping(doc["losses"], "losses")
-        if not raw:
-            raise ctx.fail("losses", "is empty")
-        blocks = {name: (f"losses.{name}", b) for name, b in raw.items()}
+        return {doc["loss"]: ("", {})}
+    raw = ctx.mapping(doc["losses"], "losses")
+    if not raw:
+        raise ctx.fail("losses", "is empty")
+    return {name: (f"losses.{name}", b) for name, b in raw.items()}
 
-    losses = {}
-    for name, (where, block) in blocks.items():
-        if name not in LOSSES:
-            raise ctx.fail(where or "loss", f"unknown loss {name!r} (known: {', '.join(LOSSES)})")
-        block = {} if block is None else ctx.mapping(block, where)
-        if block.keys() & {"params", "overrides"}:     # full form: {params:, overrides:}
-            extra = set(block) - {"params", "overrides"}
-            if extra:
-                raise ctx.fail(f"{where}.{sorted(extra)[0]}",
-                               "a block with params/overrides takes no other keys")
-            own = _parse_params(ctx, f"{where}.params", block.get("params"))
-            own_over = _parse_overrides(ctx, f"{where}.overrides", block.get("overrides"))
-        else:                                           # short form: {param: spec}
-            own, own_over = _parse_params(ctx, where, block), {}
-        over = {b: {**shared_over.get(b, {}), **own_over.get(b, {})}
-                for b in BENCHMARKS if b in shared_over or b in own_over}
-        losses[name] = LossSpace({**shared, **own}, over)
+
+def _loss_space(ctx: _Ctx, name: str, where: str, block: Any, shared: dict, shared_over: dict) -> LossSpace:
+    """One loss's block, merged with the shared params and overrides."""
+    if name not in LOSSES:
+        raise ctx.fail(where or "loss", f"unknown loss {name!r} (known: {', '.join(LOSSES)})")
+    block = {} if block is None else ctx.mapping(block, where)
+    if block.keys() & {"params", "overrides"}:     # full form: {params:, overrides:}
+        extra = set(block) - {"params", "overrides"}
+        if extra:
+            raise ctx.fail(f"{where}.{sorted(extra)[0]}", "a block with params/overrides takes no other keys")
+        own = _parse_params(ctx, f"{where}.params", block.get("params"))
+        own_over = _parse_overrides(ctx, f"{where}.overrides", block.get("overrides"))
+    else:                                           # short form: {param: spec}
+        own, own_over = _parse_params(ctx, where, block), {}
+    over = {b: {**shared_over.get(b, {}), **own_over.get(b, {})}
+            for b in BENCHMARKS if b in shared_over or b in own_over}
+    return LossSpace({**shared, **own}, over)
+
+
+def load_space(path: str | Path) -> Space:
+    """Read and validate a search-space file (schema in the module docstring)."""
+    ctx = _Ctx(str(path))
+    doc = _read(ctx, path)
+    metric, mode = _objective(ctx, doc)
+    shared = _parse_params(ctx, "params", doc.get("params"))
+    shared_over = _parse_overrides(ctx, "overrides", doc.get("overrides"))
+    losses = {name: _loss_space(ctx, name, where, block, shared, shared_over)
+              for name, (where, block) in _blocks(ctx, doc).items()}
     return Space(str(path), losses, metric, mode)
 
 
@@ -350,7 +277,4 @@ def to_tune(spec: dict[str, Any]) -> dict[str, Any]:
 
 def decode_params(params: dict[str, Any]) -> dict[str, Any]:
     """A sampled config back to trainer values: ``k == "dense"`` becomes ``None``."""
-    out = dict(params)
-    if out.get("k") == DENSE:
-        out["k"] = None
-    return out
+    return {k: dense_to_none(k, v) for k, v in params.items()}

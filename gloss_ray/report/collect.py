@@ -1,0 +1,177 @@
+"""Reading a results directory: finished runs (``**/metrics.json`` with ``history.csv`` and
+``plots/embedding_map.png`` beside it) and search trials (``**/trials.json``).
+
+Runs of stage ``final`` or ``bench`` (or no stage) are kept; ``trial`` runs are not. Unreadable or
+incomplete files are not raised but appended to ``skipped`` as ``(path, reason)``. When one seed
+of one row has several runs, a ``final`` run wins over ``bench``, then the newest file.
+
+A row of the results is a *key* (:func:`run_key`): the loss, plus ``/variant`` when runs of that
+loss used several G-Loss variants, ``+global`` with the global graph and ``@fraction`` when
+trained on a label fraction below 1 (e.g. ``gloss+global@0.1``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ConfigError
+from ..options import BENCHMARKS, LOSSES
+
+REQUIRED = ("benchmark", "loss", "seed", "test_accuracy", "test_macro_f1")
+
+
+@dataclass
+class Run:
+    """One finished run: its directory, metrics.json contents, row key and history."""
+    dir: Path
+    m: dict
+    key: str = ""
+    history: pd.DataFrame | None = None
+    mtime: float = 0.0
+
+    @property
+    def embedding_map(self) -> Path | None:
+        p = self.dir / "plots" / "embedding_map.png"
+        return p if p.is_file() else None
+
+
+@dataclass
+class Results:
+    """Everything read from one results directory."""
+    dir: Path
+    runs: list[Run]
+    trials: list[dict]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def benchmarks(self) -> list[str]:
+        """Every benchmark with a run or a trial, in the order of :data:`gloss_ray.options.BENCHMARKS`."""
+        return sorted({r.m["benchmark"] for r in self.runs} | {t["benchmark"] for t in self.trials},
+                      key=bench_rank)
+
+
+def num(v: Any) -> float | None:
+    """A finite number as float, else None (bools are not numbers)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.number)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def bench_rank(b: str):
+    """Sort key of a benchmark: the known ones in their order, then the others by name."""
+    return (BENCHMARKS.index(b), "") if b in BENCHMARKS else (len(BENCHMARKS), b)
+
+
+def key_rank(key: str):
+    """Sort key of a row key (or a loss): by loss in the order of :data:`gloss_ray.options.LOSSES`."""
+    loss = re.split(r"[/+@]", key)[0]
+    return (LOSSES.index(loss) if loss in LOSSES else len(LOSSES), key)
+
+
+def run_key(m: dict, multi_variant: bool = False) -> str:
+    """Row key of a run: loss [/variant] [+global] [@label_fraction]."""
+    key = str(m["loss"])
+    if multi_variant:
+        key += f"/{(m.get('config') or {}).get('variant') or 'default'}"
+    if m.get("global_graph"):
+        key += "+global"
+    lf = num(m.get("label_fraction"))
+    if lf is not None and lf < 1:
+        key += f"@{lf:g}"
+    return key
+
+
+def collect(results_dir: str | Path) -> Results:
+    """Runs and trials under ``results_dir``; :class:`ConfigError` naming it if it is missing or
+    holds no metrics.json."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise ConfigError(f"{results_dir}: results directory does not exist")
+    if next(results_dir.rglob("metrics.json"), None) is None:
+        raise ConfigError(f"{results_dir}: no metrics.json found under the results directory")
+    skipped: list[tuple[str, str]] = []
+    runs = load_runs(results_dir, skipped)
+    return Results(results_dir, runs, load_trials(results_dir, skipped), skipped)
+
+
+def load_runs(results_dir: Path, skipped: list) -> list[Run]:
+    """All aggregatable runs under results_dir, keyed and de-duplicated (see the module doc)."""
+    runs = [r for path in sorted(results_dir.rglob("metrics.json"))
+            if (r := _read_run(path, skipped)) is not None]
+    return sorted(_keep_one_per_seed(runs, skipped),
+                  key=lambda r: (bench_rank(r.m["benchmark"]), key_rank(r.key), str(r.m["seed"])))
+
+
+def _read_run(path: Path, skipped: list) -> Run | None:
+    """The run of one metrics.json (with its history.csv), or None when it is no result."""
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        skipped.append((str(path), f"unreadable: {e}"))
+        return None
+    if isinstance(m, dict) and m.get("stage", "final") not in ("final", "bench"):
+        return None                                     # search trials are not results
+    missing = [k for k in REQUIRED if not isinstance(m, dict) or m.get(k) is None]
+    if missing:
+        skipped.append((str(path), f"missing {', '.join(missing)}"))
+        return None
+    m = {**m, "benchmark": str(m["benchmark"]), "loss": str(m["loss"]),
+         "config": m["config"] if isinstance(m.get("config"), dict) else {}}
+    run = Run(path.parent, m, mtime=path.stat().st_mtime)
+    hist = path.parent / "history.csv"
+    if hist.is_file():
+        try:
+            run.history = pd.read_csv(hist)
+        except (OSError, ValueError) as e:
+            skipped.append((str(hist), f"unreadable: {e}"))
+    return run
+
+
+def _keep_one_per_seed(runs: list[Run], skipped: list) -> list[Run]:
+    """Set each run's key; of several runs of one benchmark x key x seed keep a ``final`` one,
+    then the newest, and list the others as skipped."""
+    variants = defaultdict(set)
+    for r in runs:
+        variants[r.m["loss"]].add(r.m["config"].get("variant"))
+    best: dict[tuple, Run] = {}
+    rank = lambda x: (x.m.get("stage", "final") == "final", x.mtime)  # noqa: E731
+    for r in runs:
+        r.key = run_key(r.m, len(variants[r.m["loss"]]) > 1)
+        ident = (r.m["benchmark"], r.key, r.m["seed"])
+        old = best.get(ident)
+        if old is not None:
+            keep, drop = (r, old) if rank(r) > rank(old) else (old, r)
+            skipped.append((str(drop.dir / "metrics.json"), f"duplicate of {keep.dir}"))
+            r = keep
+        best[ident] = r
+    return list(best.values())
+
+
+def load_trials(results_dir: Path, skipped: list) -> list[dict]:
+    """Trial records of every ``trials.json`` (a list of dicts, or ``{"trials": [...]}``), each
+    with ``benchmark``, ``loss`` (falling back to the folder name ``<benchmark>__<loss>``),
+    ``source`` (the file) and ``config`` (a dict)."""
+    out = []
+    for path in sorted(results_dir.rglob("trials.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            skipped.append((str(path), f"unreadable: {e}"))
+            continue
+        if isinstance(data, dict):
+            data = data.get("trials", [])
+        bench, _, loss = path.parent.name.partition("__")
+        for t in data if isinstance(data, list) else []:
+            if isinstance(t, dict):
+                out.append({**t, "benchmark": str(t.get("benchmark") or bench),
+                            "loss": str(t.get("loss") or loss), "source": str(path),
+                            "config": t["config"] if isinstance(t.get("config"), dict) else {}})
+    return out

@@ -1,0 +1,192 @@
+"""A sweep's plan, checked before anything starts: the options (:class:`SweepOptions`), ``--set``
+and ``--losses`` parsing, the base configuration of every benchmark x loss (:func:`base_configs`),
+the search space (tune), the sweep folder, and the final / bench runs (:meth:`Plan.runs`).
+
+Every problem here is a :class:`~gloss_ray.errors.ConfigError` (one line, exit status 2) raised
+before Ray starts or anything is written."""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import yaml
+
+from ..config import TrainConfig
+from ..errors import ConfigError
+from ..options import dense_to_none, load_yaml
+from ..storage import absolute, join
+from .spaces import Space, load_space
+
+PREFIX = "[gloss-ray]"
+GLOBAL_K_DEFAULT = 16      # global_k of a LOSS+global spec when the options set none
+REPORTED = ("val_macro_f1", "val_accuracy", "train_loss", "train_ce", "train_aux")  # metrics a space may name
+_SPEC = re.compile(r"^(?P<loss>[a-z_]+)(?P<glob>\+global)?(?:@(?P<frac>[0-9.]+))?$")
+
+
+def log(msg: str) -> None:
+    print(f"{PREFIX} {msg}", flush=True)
+
+
+def last_line(err) -> str:
+    """An error's last non-empty line (Ray's wrapped errors end with the cause), else its type."""
+    lines = [ln.strip() for ln in str(err or "").strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """What ``gloss-ray tune`` / ``gloss-ray bench`` was asked for; the CLI fills it from its flags
+    (same names, defaults there). ``space``, ``samples`` and ``grace_epochs`` are for ``tune``."""
+    command: str                  # "tune": search, then final runs; "bench": the base configs as they are
+    benchmarks: str               # comma-separated
+    losses: str                   # comma-separated loss specs, LOSS[+global][@FRACTION]
+    seeds: int
+    storage: str
+    name: str | None
+    config: str | None            # YAML of base TrainConfig options
+    set: list[str]                # "KEY=VALUE" overrides of the base options (--set)
+    workers: int
+    gpu: bool
+    concurrency: int | None       # runs (trials) at a time; None: what the cluster holds
+    keep_checkpoints: bool
+    space: str | None = None
+    samples: int | None = None
+    grace_epochs: int | None = None
+
+
+# --------------------------------------------------------------------------- parsing
+def parse_sets(items: list[str]) -> dict:
+    """``["lr=1e-4", "k=dense"]`` -> ``{"lr": 1e-4, "k": None}``: values read as YAML with
+    :func:`gloss_ray.options.load_yaml` (``1e-4`` is a float), ``k=dense`` is the dense graph."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            parsed = load_yaml(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: not valid YAML ({str(e).splitlines()[0]})") from None
+        out[key] = dense_to_none(key, parsed)
+    return out
+
+
+def parse_loss_spec(spec: str) -> tuple[str, bool, float | None]:
+    """``"gloss+global@0.2"`` -> ``("gloss", True, 0.2)``: a loss, ``+global`` for the global graph
+    and ``@F`` for training on a fraction F of the labels -- the report's row keys."""
+    m = _SPEC.match(spec)
+    frac = None
+    if m and m["frac"]:
+        try:
+            frac = float(m["frac"])
+        except ValueError:
+            m = None
+    if not m:
+        raise ConfigError(f"--losses: {spec!r}: expected LOSS[+global][@FRACTION], e.g. ce, gloss+global, ce@0.2")
+    return m["loss"], bool(m["glob"]), frac
+
+
+def split_list(text: str) -> list[str]:
+    """``"mr, r8,mr"`` -> ``["mr", "r8"]`` (order kept, repeats dropped)."""
+    items = list(dict.fromkeys(x.strip() for x in (text or "").split(",") if x.strip()))
+    if not items:
+        raise ConfigError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+# --------------------------------------------------------------------------- configurations
+def base_configs(opts: SweepOptions, benchmarks: list[str], losses: list[str]) -> dict[tuple, dict]:
+    """Validated base options per (benchmark, loss spec), as dicts, with the data folder pinned
+    (trial actors and workers may not share the driver's environment). ``opts`` gives ``config``,
+    ``workers``, ``gpu`` and ``set``. A spec's ``+global`` turns the global graph on (``global_k``
+    from the options, else 16); when some spec has it, the specs without it run without the global
+    graph (so ``ce,gloss,gloss+global`` compares the three). ``@F`` sets ``label_fraction``. Bad
+    options, a missing benchmark or model fail here, in one line, before any run starts."""
+    from ..download import find_or_download
+    from ..train.launch import preflight
+
+    overrides = {"workers": opts.workers, **({"gpu": True} if opts.gpu else {}), **parse_sets(opts.set)}
+    bases = {}
+    specs = {spec: parse_loss_spec(spec) for spec in losses}
+    compare_global = any(glob for _, glob, _ in specs.values())
+    for b in benchmarks:
+        for spec, (loss, glob, frac) in specs.items():
+            # read the options as a G-Loss run (which accepts every option), then apply the spec
+            d = TrainConfig.from_sources(opts.config, {**overrides, "benchmark": b, "loss": "gloss"}).to_dict()
+            d["loss"] = loss
+            if compare_global:
+                d["global_k"] = (d["global_k"] or GLOBAL_K_DEFAULT) if glob else 0
+            if frac is not None:
+                d["label_fraction"] = frac
+            cfg = TrainConfig.from_dict(d, source=f"--losses {spec}").resolved()
+            cfg.data_dir = str(find_or_download(b, cfg.data_dir))
+            if spec == losses[0]:
+                preflight(cfg)
+            bases[(b, spec)] = cfg.to_dict()
+    return bases
+
+
+def run_config(base: dict, params: dict, seed: int, storage: str, name: str, stage: str, **extra) -> TrainConfig:
+    """One run of a sweep: ``base`` + ``params`` (a trial's sample or the best one), written to
+    ``<storage>/<name>``; ``stage`` (trial, final, bench) and ``extra`` go to ``cfg.extra``."""
+    d = {**base, **params, "seed": seed, "storage": storage, "name": name,
+         "extra": {**(base.get("extra") or {}), **extra, "stage": stage}}
+    return TrainConfig.from_dict(d, source=f"{stage} run {name}")
+
+
+# --------------------------------------------------------------------------- the plan
+@dataclass
+class Plan:
+    """A checked sweep; nothing has started. ``bases``: ``(benchmark, loss spec) -> base options``
+    (a dict of TrainConfig fields); ``space``: the search space (tune), None for bench."""
+    options: SweepOptions
+    benchmarks: list[str]
+    losses: list[str]
+    bases: dict[tuple[str, str], dict]
+    space: Space | None
+    name: str
+    sweep_dir: str
+
+    @property
+    def stage(self) -> str:
+        return "final" if self.space is not None else "bench"
+
+    def runs(self, benchmark: str, loss: str, params: dict | None = None,
+             trial_id: str | None = None) -> list[tuple[str, TrainConfig]]:
+        """``(label, cfg)`` of one benchmark x loss's final (``params`` of the best trial
+        ``trial_id``) or bench runs, one per seed, in ``runs/<benchmark>/<loss>/seed<k>``."""
+        base, extra = self.bases[(benchmark, loss)], ({"trial_id": trial_id} if trial_id else {})
+        where = join(self.sweep_dir, "runs", benchmark, loss)
+        return [(f"{self.stage} {benchmark} x {loss} seed {k}",
+                 run_config(base, params or {}, k, where, f"seed{k}", self.stage, **extra))
+                for k in range(self.options.seeds)]
+
+
+def _search_space(opts: SweepOptions, bases: dict) -> Space:
+    """tune: the space file, checked against every benchmark x loss of the sweep."""
+    if (opts.samples or 0) < 1 or (opts.grace_epochs or 0) < 1:
+        raise ConfigError("--samples and --grace-epochs must be >= 1")
+    space = load_space(opts.space)
+    if space.metric not in REPORTED:
+        raise ConfigError(f"{opts.space}: metric: {space.metric!r} is not reported each epoch "
+                          f"(one of {', '.join(REPORTED)})")
+    for b, spec in bases:
+        if parse_loss_spec(spec)[1:] != (False, None):
+            raise ConfigError(f"--losses: {spec!r}: +global and @FRACTION are for gloss-ray bench; in a "
+                              "search put global_k / label_fraction in --set or the space file")
+        space.for_run(b, spec)                  # unknown benchmark, or loss not in the space
+    return space
+
+
+def make_plan(opts: SweepOptions) -> Plan:
+    """Check every option, base configuration and (tune) the space; name the sweep folder
+    ``<storage>/<name>`` (default name ``sweep-<timestamp>``)."""
+    benchmarks, losses = split_list(opts.benchmarks), split_list(opts.losses)
+    if opts.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {opts.seeds}")
+    bases = base_configs(opts, benchmarks, losses)
+    space = _search_space(opts, bases) if opts.command == "tune" else None
+    name = opts.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Plan(opts, benchmarks, losses, bases, space, name, join(absolute(opts.storage), name))

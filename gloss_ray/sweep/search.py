@@ -1,0 +1,232 @@
+"""One benchmark x loss Ray Tune search (:func:`run_search`): Optuna samples the space, ASHA stops
+trials per epoch on the space's ``metric``/``mode``, and each trial is one Ray Train run.
+
+Train V2 + Tune: a trial is a function (:func:`_trial`) that runs its own ``TorchTrainer`` through
+:func:`gloss_ray.train.launch.fit` with Tune's ``TuneReportCallback``, which forwards each epoch's
+row to Tune, so ASHA acts per epoch (``time_attr="epoch"``). The trial function reserves no CPU
+(:data:`TRIAL_RESOURCES`); the Train workers reserve their own, and ``max_concurrent_trials``
+bounds how many run at once. A stopped trial's Train run is aborted by
+:mod:`gloss_ray.sweep.ray_cleanup` so that its resources come back.
+
+The search lives in ``<sweep>/search/<benchmark>__<loss>/`` (restorable with ``Tuner.restore``);
+its ``trials.json`` marks it done."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+from ray.tune import Callback
+
+from ..storage import exists, join, read_json, remove_checkpoints, write_json
+from .plan import last_line, log, run_config
+from .ray_cleanup import StopTrainRuns, register_run, released
+from .spaces import Dist, Space, decode_params, to_tune
+
+ASHA_REDUCTION = 4   # ASHA keeps the best 1/4 of the trials at each rung (Ray's default)
+# The trial function only drives its Train run, whose workers reserve their own CPUs/GPUs. Tune
+# needs a non-empty resource bundle, hence a 1-byte (logical) memory placeholder instead of CPU.
+TRIAL_RESOURCES = {"CPU": 0, "memory": 1}
+STATUSES = ("TERMINATED", "STOPPED_EARLY", "ERROR")
+ENDED = "trial_ended.json"   # written into a trial's folder when Tune ends it (not when interrupted)
+
+
+def search_seed(seed: int, benchmark: str, loss: str) -> int:
+    """The Optuna sampler's seed of one search: stable across processes and machines (SHA-256, not
+    Python's salted ``hash``) and different for each benchmark x loss, so searches differ."""
+    digest = hashlib.sha256(f"{seed}/{benchmark}/{loss}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")          # numpy's RandomState takes < 2**32
+
+
+# --------------------------------------------------------------------------- trials
+def _trial(config: dict, base: dict, registry: str, exp_dir: str) -> None:
+    """One Tune trial: a Train run of ``base`` + the sampled ``config`` (stage ``trial``, outputs in
+    ``<exp_dir>/<trial_id>/run`` on the sweep's storage, so a restarted trial resumes from its
+    checkpoint); ``TuneReportCallback`` passes each epoch's metrics on to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ..train.launch import fit
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = run_config(base, decode_params(config), base["seed"], join(exp_dir, trial_id), "run", "trial",
+                     trial_id=trial_id)
+    fit(cfg, callbacks=[TuneReportCallback(), register_run(registry, trial_id)])
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+def trial_status(errored: bool, last_epoch: int, trial_path: str, epochs: int) -> str:
+    """ERROR, STOPPED_EARLY or TERMINATED. Stopped early: Tune saw fewer epochs than the run has --
+    ``epochs``, or fewer when the run's own patience ended it (``epochs_run`` in its metrics.json)."""
+    if errored:
+        return "ERROR"
+    metrics = join(trial_path, "run", "metrics.json")
+    try:
+        epochs = int(read_json(metrics).get("epochs_run", epochs)) if exists(metrics) else epochs
+    except (OSError, ValueError):
+        pass
+    return "STOPPED_EARLY" if last_epoch < epochs else "TERMINATED"
+
+
+class _SearchCallback(Callback):
+    """Driver side of a search. When Tune ends a trial: mark it ended (:data:`ENDED`; a Ctrl-C
+    leaves the running ones unmarked) and print ``search mr x gloss: 3/4 trials done (1 stopped
+    early, 0 failed)``, counted over all trials (so a restored search includes the earlier ones)."""
+
+    def __init__(self, label: str, total: int, epochs: int):
+        self.label, self.total, self.epochs = label, total, epochs
+
+    def _end(self, trials, trial, errored: bool) -> None:
+        write_json(join(trial.path, ENDED), {"status": "ERROR" if errored else "TERMINATED",
+                                              "epoch": trial.last_result.get("epoch")})
+        n = dict.fromkeys(STATUSES, 0)
+        for t in trials:
+            status = ("ERROR" if errored else "TERMINATED") if t is trial else t.status
+            if status == "TERMINATED":
+                status = trial_status(False, int(t.last_result.get("epoch", 0)), t.path,
+                                      int(t.config.get("epochs", self.epochs)))
+            if status in n:
+                n[status] += 1
+        log(f"search {self.label}: {sum(n.values())}/{self.total} trials done "
+            f"({n['STOPPED_EARLY']} stopped early, {n['ERROR']} failed)")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trials, trial, False)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trials, trial, True)
+
+
+# --------------------------------------------------------------------------- results
+def trial_records(results, benchmark: str, loss: str, epochs: int, metric: str, mode: str, device: str,
+                  workers: int) -> list[dict]:
+    """trials.json records of a Tune ResultGrid (schema: :func:`gloss_ray.report.collect.load_trials`),
+    plus ``metric`` and ``best_metric`` (the trial's best epoch on the space's metric)."""
+    def best(df, col, how):
+        v = df[col].dropna() if df is not None and col in df else []
+        return float(v.max() if how == "max" else v.min()) if len(v) else None
+
+    records = []
+    for r in results:
+        df, m = r.metrics_dataframe, r.metrics or {}
+        config = decode_params(r.config or {})
+        last_epoch = int(df["epoch"].max()) if df is not None and "epoch" in df and len(df) else 0
+        time_s = m.get("time_total_s", m.get("elapsed_s"))
+        records.append({
+            "trial_id": os.path.basename(str(r.path).rstrip("/")), "benchmark": benchmark, "loss": loss,
+            "status": trial_status(r.error is not None, last_epoch, r.path, int(config.get("epochs", epochs))),
+            "config": config, "best_val_macro_f1": best(df, "val_macro_f1", "max"), "iterations": last_epoch,
+            "time_s": float(time_s) if time_s is not None else None, "device": device, "num_workers": workers,
+            "error": last_line(r.error) if r.error is not None else None,
+            "metric": metric, "best_metric": best(df, metric, mode)})
+    return sorted(records, key=lambda t: t["trial_id"])
+
+
+def best_trial(records: list[dict], mode: str) -> dict | None:
+    """The non-errored trial with the best ``best_metric``, or None."""
+    ok = [t for t in records if t["status"] != "ERROR" and t.get("best_metric") is not None]
+    return (max if mode == "max" else min)(ok, key=lambda t: t["best_metric"]) if ok else None
+
+
+def _max_epochs(spec: dict, base_epochs: int) -> int:
+    """ASHA's max_t: the most epochs a trial of this space runs."""
+    e = spec.get("epochs", base_epochs)
+    if isinstance(e, Dist):
+        return int(max(e.args) if e.kind == "choice" else e.args[1] - 1)
+    return int(e)
+
+
+def _summary(label: str, records: list[dict], trials_file: str, space: Space) -> dict | None:
+    """Print the search's outcome; returns its best trial."""
+    n = {s: sum(t["status"] == s for t in records) for s in STATUSES}
+    log(f"search {label}: {len(records)} trials ({n['TERMINATED']} finished, {n['STOPPED_EARLY']} stopped early, "
+        f"{n['ERROR']} failed) -> {trials_file}")
+    for t in records:
+        if t["error"]:
+            log(f"  trial {t['trial_id']} failed: {t['error']}")
+    best = best_trial(records, space.mode)
+    if best:
+        log(f"search {label}: best trial {best['trial_id']}, {space.metric} {best['best_metric']:.4f}, "
+            f"{best['config']}")
+    return best
+
+
+def _remove_trial_checkpoints(label: str, results) -> None:
+    """Every trial has ended: nothing will resume them (models stay with the final runs)."""
+    try:
+        removed = sum(remove_checkpoints(join(r.path, "run")) for r in results if r.path)
+        log(f"search {label}: removed {removed} trial checkpoint folder(s) (--keep-checkpoints keeps them)")
+    except OSError as e:
+        log(f"search {label}: could not remove trial checkpoints: {last_line(e)}")
+
+
+# --------------------------------------------------------------------------- the search
+def _tuner(search_dir: str, name: str, label: str, trainable, spec: dict, space: Space, *, seed: int | None,
+           samples: int, epochs: int, grace_epochs: int, concurrency: int, callbacks: list):
+    """A new Tuner for the search ``<search_dir>/<name>`` (Optuna with ``seed``; none when ``seed``
+    is None: a space of constants), or the interrupted one restored from there."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    exp_dir = join(search_dir, name)
+    if tune.Tuner.can_restore(exp_dir):
+        log(f"search {label}: resuming the interrupted search in {exp_dir}")
+        return tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=False, restart_errored=False)
+    grace = min(grace_epochs, epochs)
+    log(f"search {label}: {samples} trial(s), up to {concurrency} at a time; ASHA on {space.metric} "
+        f"({space.mode}), {epochs} epochs, grace {grace}")
+    return tune.Tuner(
+        trainable,
+        param_space=to_tune(spec),
+        tune_config=tune.TuneConfig(
+            search_alg=OptunaSearch(metric=space.metric, mode=space.mode, seed=seed) if seed is not None else None,
+            scheduler=ASHAScheduler(time_attr="epoch", metric=space.metric, mode=space.mode, max_t=epochs,
+                                    grace_period=grace, reduction_factor=ASHA_REDUCTION),
+            num_samples=samples, max_concurrent_trials=concurrency, reuse_actors=False,
+            trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(
+            name=name, storage_path=search_dir, verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False), callbacks=callbacks),
+    )
+
+
+def run_search(sweep_dir: str, benchmark: str, loss: str, base: dict, space: Space, *, registry: str,
+               samples: int, grace_epochs: int, concurrency: int, keep_checkpoints: bool = False):
+    """One benchmark x loss search: new, restored, or done before (its trials.json exists).
+    ``registry``: the sweep's :func:`gloss_ray.sweep.ray_cleanup.run_registry`. Returns (records,
+    best record or None); raises KeyboardInterrupt when Ctrl-C stopped it (its state is saved)."""
+    from ray import tune
+
+    label, search_dir, name = f"{benchmark} x {loss}", join(sweep_dir, "search"), f"{benchmark}__{loss}"
+    exp_dir = join(search_dir, name)
+    trials_file = join(exp_dir, "trials.json")
+    if exists(trials_file):
+        records = read_json(trials_file)
+        log(f"search {label}: done earlier ({len(records)} trials in {trials_file})")
+        return records, best_trial(records, space.mode)
+
+    spec = space.for_run(benchmark, loss)
+    epochs = _max_epochs(spec, base["epochs"])
+    searchable = any(isinstance(v, Dist) for v in spec.values())
+    samples = samples if searchable else 1                  # constants only: one trial
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, registry=registry, exp_dir=exp_dir),
+                                    TRIAL_RESOURCES)
+    tuner = _tuner(search_dir, name, label, trainable, spec, space,
+                   seed=search_seed(base["seed"], benchmark, loss) if searchable else None, samples=samples,
+                   epochs=epochs, grace_epochs=grace_epochs, concurrency=concurrency,
+                   callbacks=[StopTrainRuns(registry), _SearchCallback(label, samples, epochs)])
+    with released(registry):
+        results = tuner.fit()      # a failed trial is an entry of the ResultGrid, not an exception
+    ended = sum(exists(join(r.path, ENDED)) for r in results)
+    if ended < max(len(results), samples):   # Tune returns normally after Ctrl-C; the state is saved
+        log(f"search {label}: interrupted with {ended} of {samples} trials done")
+        raise KeyboardInterrupt
+    records = trial_records(results, benchmark, loss, epochs, space.metric, space.mode,
+                            "gpu" if base["gpu"] else "cpu", base["workers"])
+    write_json(trials_file, records)
+    if not keep_checkpoints:
+        _remove_trial_checkpoints(label, results)
+    return records, _summary(label, records, trials_file, space)
