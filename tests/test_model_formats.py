@@ -257,8 +257,30 @@ def test_encode_keeps_no_batch_activations_alive():
             self.bases.append(weakref.ref(hidden))
             return hidden[:, 0, :3], hidden[:, 0]
 
-    net = Viewing()
     batches = [{"input_ids": torch.zeros(4, 16, dtype=torch.long), "attention_mask": torch.ones(4, 16)}] * 6
-    logits, emb = encode(net, batches, torch.device("cpu"))
-    assert logits.shape == (24, 3) and emb.shape == (24, 8)
-    assert max(net.alive) <= 1          # at most the previous batch's, still bound to the loop variables
+    for given in (batches, iter(batches)):      # row count known (one output buffer) / unknown (copies)
+        net = Viewing()
+        logits, emb = encode(net, given, torch.device("cpu"))
+        assert logits.shape == (24, 3) and emb.shape == (24, 8)
+        assert max(net.alive) <= 1          # at most the previous batch's, still bound to the loop variables
+
+
+def test_encode_fills_one_buffer_in_order_when_the_loader_is_sized():
+    """A DataLoader over a sized dataset: the rows come back in order and equal the unsized path's."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from gloss_ray.model import _row_count, encode
+
+    class Rowwise(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            x = input_ids.float()
+            return x[:, :2] * 2, x
+
+    rows = [{"input_ids": torch.full((5,), i), "attention_mask": torch.ones(5)} for i in range(11)]
+    loader = DataLoader(rows, batch_size=4)
+    assert _row_count(loader) == 11 and _row_count(iter(loader)) is None
+    logits, emb = encode(Rowwise(), loader, torch.device("cpu"))
+    assert torch.equal(emb[:, 0], torch.arange(11.0))
+    ref_logits, ref_emb = encode(Rowwise(), iter(loader), torch.device("cpu"))
+    assert torch.equal(emb, ref_emb) and torch.equal(logits, ref_logits)
