@@ -1,9 +1,9 @@
 # Check gloss_ray.download against the real source files, offline: serve a folder of source files
 # on 127.0.0.1 laid out like the real URLs, download all five benchmarks through it and compare
-# the sha256 of every parquet file with the reference checksums (shared data/README.md).
+# the sha256 of every parquet file with reference checksums.
 #
 #   python benchmarks/check_download.py /tmp/gloss_sources \
-#       --from-git /work/.mirror/saditya13+G-Loss/repo /work/.mirror/yao8839836+text_gcn/repo \
+#       --from-git CLONE_OF_saditya13/G-Loss CLONE_OF_yao8839836/text_gcn \
 #       [--reference FOLDER_OF_REFERENCE_PARQUET_FILES]
 #
 # SOURCES holds e.g. raw.githubusercontent.com/saditya13/G-Loss/<commit>/data/MR/train.csv and
