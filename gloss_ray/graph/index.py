@@ -261,9 +261,10 @@ class KnnIndex:
         """Index ``vectors`` [n, d] (already L2-normalised).
 
         Params by backend: ``torch-exact``: ``dtype``, ``chunk``; ``faiss-ivf``: ``nlist`` (default
-        ``2*sqrt(n)``, at most ``n/39``), ``nprobe``, ``codec`` ("pqfs", "sq8" or "flat"; default "pqfs"
-        when ``d % 4 == 0`` and there are >= 1000 training vectors, else "flat"), ``k_factor``
-        (re-ranked candidates per result with "pqfs"; 4, raised 4x at a time by the calibration while
+        ``2*sqrt(n)``, at most ``n/39``), ``nprobe``, ``codec`` ("pqfs", "pq-bank", "sq8" or "flat"; default "pqfs"
+        when ``d % 4 == 0`` and there are >= 1000 training vectors, else "flat"; "pq-bank" keeps only
+        the PQ codes and re-ranks against ``vectors`` themselves, no copy), ``k_factor``
+        (re-ranked candidates per result with "pqfs" / "pq-bank"; 4, raised 4x at a time by the calibration while
         even ``nprobe = nlist`` misses the target), ``niter`` (10, k-means iterations), ``train_size``
         (``32*nlist``), ``seed``; ``faiss-hnsw``: ``M`` (32), ``ef_construction`` (``max(80, 2M)``),
         ``ef_search``; ``faiss-gpu``: ``gpu_index`` ("flat" or "ivf"), ``fp16`` (False),
