@@ -16,7 +16,7 @@ from .errors import ConfigError
 from .losses.sigma import SigmaStrategy
 from .options import DEFAULT_MARGIN, OPTIONS, dense_to_none, load_yaml
 from .schedules import Schedule
-from .storage import absolute
+from .storage import absolute, is_uri
 
 # options that name a local file or folder (or a URI); made absolute on the driver by ``resolved``
 PATH_FIELDS = ("data_dir", "train_file", "validation_file", "test_file", "storage", "cache_dir")
@@ -139,7 +139,7 @@ class TrainConfig:
         URIs (``s3://...``) and hub names are kept; ``model`` becomes absolute when it names an
         existing local folder."""
         changes = {key: absolute(getattr(self, key)) for key in PATH_FIELDS if getattr(self, key) is not None}
-        if self.model and "://" not in self.model and Path(os.path.expanduser(self.model)).exists():
+        if self.model and not is_uri(self.model) and Path(os.path.expanduser(self.model)).exists():
             changes["model"] = absolute(self.model)
         return dataclasses.replace(self, **changes, extra=dict(self.extra))
 

@@ -60,8 +60,9 @@ def _report(sweep_dir: str) -> None:
     from pathlib import Path
 
     from ..report import build_report
+    from ..storage import is_uri
 
-    if "://" in sweep_dir:
+    if is_uri(sweep_dir):
         log(f"report: copy {sweep_dir} to a local folder and run: gloss-ray report FOLDER")
     elif next(Path(sweep_dir).glob("runs/**/metrics.json"), None) is None:
         log("report: no finished runs to report")
