@@ -305,6 +305,14 @@ def _row_count(batches) -> int | None:
     return None
 
 
+def _grown(buf: torch.Tensor | None, rows: int, width: int, filled: int) -> torch.Tensor:
+    """A ``[rows, width]`` buffer holding the first ``filled`` rows of ``buf``."""
+    out = torch.empty(rows, width)
+    if buf is not None:
+        out[:filled] = buf[:filled]
+    return out
+
+
 @torch.no_grad()
 def encode(model: nn.Module, batches, device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits, embeddings)`` of every batch, in order, as float32 on the CPU: eval mode, no
@@ -313,31 +321,30 @@ def encode(model: nn.Module, batches, device) -> tuple[torch.Tensor, torch.Tenso
     dataset: evaluation, the global graph's refresh, sigma's calibration sample and ``gloss-ray
     predict`` / ``embed`` all use it.
 
-    Outputs are copied into two tensors allocated once when the row count is known (see
-    :func:`_row_count`): thousands of small per-batch tensors kept between the batches' large,
-    freed activations fragment glibc's heap, and a worker encoding 50k documents grew by ~1 GB a
-    minute (290 KB per document at length 64) without holding a reference to anything."""
+    Each batch's outputs are copied into two buffers, allocated once when the row count is known
+    (:func:`_row_count`), else grown by doubling: a list of small per-batch tensors kept between
+    the batches' large, freed activations fragments glibc's heap (a worker encoding 50k documents
+    grew by ~1 GB a minute, 290 KB per document at length 64, without holding a reference to
+    anything), and a CLS embedding is a view that would keep its batch's whole hidden state alive."""
     net = unwrap(model)
     net.eval()
     total = _row_count(batches)
-    logits, embs, filled = [], [], 0
+    logits = embs = None
+    filled = 0
     for b in batches:
         with autocast(device):
             lo, em = net(b["input_ids"].to(device), b["attention_mask"].to(device))
-        if total is not None:
-            if not logits:
-                logits, embs = [torch.empty(total, lo.shape[1])], [torch.empty(total, em.shape[1])]
-            logits[0][filled:filled + len(lo)] = lo.float().cpu()
-            embs[0][filled:filled + len(em)] = em.float().cpu()
-            filled += len(lo)
-        else:
-            # copies: a CLS embedding is a view into the batch's whole last hidden state, which it would keep alive
-            logits.append(lo.float().cpu().clone(memory_format=torch.contiguous_format))
-            embs.append(em.float().cpu().clone(memory_format=torch.contiguous_format))
-    if not embs:
+        n = len(lo)
+        if embs is None or filled + n > len(embs):
+            rows = total if total is not None else max(1024, 2 * (filled + n))
+            logits, embs = _grown(logits, rows, lo.shape[1], filled), _grown(embs, rows, em.shape[1], filled)
+        logits[filled:filled + n] = lo.float().cpu()
+        embs[filled:filled + n] = em.float().cpu()
+        filled += n
+    if embs is None:
         return torch.zeros(0, net.num_classes), torch.zeros(0, net.encoder.config.hidden_size)
-    if total is not None:
-        if filled != total:
-            raise RuntimeError(f"encode: the batches held {filled} rows, not the {total} their loader announced")
-        return logits[0], embs[0]
-    return torch.cat(logits), torch.cat(embs)
+    if total is not None and filled != total:
+        raise RuntimeError(f"encode: the batches held {filled} rows, not the {total} their loader announced")
+    if filled < len(embs):              # a grown buffer: return exactly the rows, not the spare capacity
+        return logits[:filled].clone(), embs[:filled].clone()
+    return logits, embs
