@@ -68,9 +68,9 @@ class GlobalGraph:
         D.barrier()                              # a node-shared bank: its writer has written every row
         t1 = time.perf_counter()
         # with a node-shared bank the IVF index keeps only its codes and re-ranks against the bank
-        ivf = choose_backend(self.bank.num_docs, str(self.device), self.backend) == "faiss-ivf"
-        index = self.bank.build_index(self.backend, labelled_only=False,
-                                      **({"codec": "pq-bank"} if self.shared and ivf else {}))
+        backend = choose_backend(self.bank.num_docs, str(self.device), self.backend)
+        index = self.bank.build_index(backend, labelled_only=False,
+                                      **({"codec": "pq-bank"} if self.shared and backend == "faiss-ivf" else {}))
         vecs = self.bank.index_vectors()
         t_index = time.perf_counter() - t1
         t2 = time.perf_counter()
