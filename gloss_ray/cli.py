@@ -25,6 +25,7 @@ import yaml
 from .config import TrainConfig
 from .options import LOSSES
 from .errors import GlossRayError
+from .storage import redact
 
 HELP = {
     "benchmark": "benchmark name: mr, r8, r52, ohsumed, 20ng (files under --data-dir/<name>/)",
@@ -51,6 +52,8 @@ HELP = {
     "workers": "Ray Train workers (one per GPU with --gpu)",
     "cpus_per_worker": "CPUs each worker reserves; its PyTorch threads (default: 1 with --gpu, else the "
                        "machine's CPUs shared by the workers)",
+    "gpus_per_worker": "share of a GPU each worker reserves with --gpu (Ray's fractional GPUs): 0.25 runs four "
+                       "workers -- e.g. four runs of a sweep -- on one GPU; each still sees the whole GPU's memory",
     "max_steps": "stop after this many optimiser steps in all, mid-epoch if need be (schedules end there)",
     "storage": "where runs are written: a folder or s3://... / gs://... (Ray storage_path)",
     "name": "run name; re-use it with the same --storage to resume",
@@ -65,6 +68,8 @@ def _parse_scalar(text: str):
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field. A flag not given leaves no attribute (``SUPPRESS``), so a
+    flag given always overrides the YAML file, also when its value is None (``--k dense``)."""
     p.add_argument("--config", help="YAML file of options (same names as the flags)")
     for f in dataclasses.fields(TrainConfig):
         if f.name == "extra":
@@ -74,15 +79,16 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         if isinstance(default, bool):
             if default:
                 p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const", const=False,
-                               default=None, help=f"turn off {f.name}")
+                               default=argparse.SUPPRESS, help=f"turn off {f.name}")
             else:
-                p.add_argument(flag, action="store_const", const=True, default=None, help=HELP.get(f.name, f.name))
+                p.add_argument(flag, action="store_const", const=True, default=argparse.SUPPRESS,
+                               help=HELP.get(f.name, f.name))
             continue
         if f.name in ("k", "sigma", "margin") or "schedule" in f.name:
             typ = _parse_scalar                          # words too: dense / none, root, cosine ...
         else:                                            # from the annotation ("int | None" -> int)
             typ = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-        p.add_argument(flag, type=typ, default=None, metavar=f.name.upper(),
+        p.add_argument(flag, type=typ, default=argparse.SUPPRESS, metavar=f.name.upper(),
                        help=HELP.get(f.name, f.name.replace("_", " ")) + (f" (default: {default})" if default not in (None, "") else ""))
 
 
@@ -140,17 +146,28 @@ def _add_sweep_options(p):
 
 
 def _train_overrides(args) -> dict:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    """The options given on the command line (None included: ``--k dense``)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+
+
+def train_config(args) -> TrainConfig:
+    """``train``'s configuration: the ``--config`` YAML, then every flag given on the command line."""
+    cfg = TrainConfig.from_sources(args.config, _train_overrides(args))
+    cfg.extra["command"] = args.command_line     # for the model card
+    return cfg
 
 
 def cmd_train(args) -> int:
     from .train.launch import fit
+    from .train.outputs import chance_note
 
-    cfg = TrainConfig.from_sources(args.config, _train_overrides(args))
-    cfg.extra["command"] = args.command_line     # for the model card
+    cfg = train_config(args)
     m = fit(cfg)
     print(f"test accuracy {m.get('test_accuracy', float('nan')):.4f}  macro-F1 {m.get('test_macro_f1', float('nan')):.4f}  "
           f"best epoch {m['best_epoch']}  wall {m['wall_time_s']:.0f}s")
+    note = chance_note(m)
+    if note:
+        print(note)
     return 0
 
 
@@ -186,16 +203,22 @@ def cmd_data(args) -> int:
     return cli(args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line, with ``command_line`` (the command as typed, for the model card)."""
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["gloss-ray", *(sys.argv[1:] if argv is None else argv)])
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    args = parse_args(argv)
     handlers = {"train": cmd_train, "predict": cmd_predict_embed, "embed": cmd_predict_embed,
                 "tune": cmd_sweep, "bench": cmd_sweep, "report": cmd_report, "data": cmd_data}
     try:
         return handlers[args.command](args)
     except GlossRayError as e:
-        print(f"gloss-ray: error: {e}", file=sys.stderr)
+        print(f"gloss-ray: error: {redact(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gloss-ray: interrupted; re-run the same command with the same --name to resume", file=sys.stderr)

@@ -79,6 +79,7 @@ class TrainConfig:
     workers: int = 1
     gpu: bool = False
     cpus_per_worker: float | None = None  # None: 1 with --gpu; else the node's CPUs shared by the workers
+    gpus_per_worker: float = 1.0          # with --gpu; below 1 packs several small runs on one GPU
     storage: str = "runs"
     name: str | None = None
     max_failures: int = 2
@@ -161,6 +162,7 @@ class TrainConfig:
 
     @classmethod
     def from_sources(cls, yaml_path: str | None = None, overrides: dict | None = None) -> "TrainConfig":
+        """The YAML file's options, then ``overrides`` (every key given wins, None included)."""
         data: dict = {}
         source = "command line"
         if yaml_path:
@@ -175,5 +177,5 @@ class TrainConfig:
                 raise ConfigError(f"{p}: expected a mapping of option: value")
             data = {k.replace("-", "_"): v for k, v in data.items()}
             source = str(p)
-        data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        data.update(overrides or {})          # an override wins, also a None one (k: dense)
         return cls.from_dict(data, source)

@@ -69,6 +69,25 @@ def broadcast_value(value: float, device) -> float:
     return float(t.item())
 
 
+def broadcast_rows(parts: list[torch.Tensor] | None, specs: list[tuple[torch.dtype, tuple[int, ...]]],
+                   device, src: int = 0) -> list[torch.Tensor]:
+    """Rank ``src``'s ``parts`` on every rank: tensors of equal length ``m`` (rows), the i-th of dtype and
+    trailing shape ``specs[i]`` (``[m, *trailing]``), ``m`` known only to ``src``. Other ranks pass
+    ``parts=None``. Used so that one rank's choice (e.g. the global graph's extra nodes) is every rank's."""
+    if not is_dist():
+        return [p.to(device, dt) for p, (dt, _) in zip(parts, specs)]
+    mine = dist.get_rank() == src
+    m = torch.tensor([int(parts[0].shape[0]) if mine else 0], dtype=torch.long, device=device)
+    dist.broadcast(m, src=src)
+    out = []
+    for i, (dt, trailing) in enumerate(specs):
+        t = parts[i].to(device, dt).contiguous() if mine else torch.empty((int(m.item()), *trailing), dtype=dt,
+                                                                           device=device)
+        dist.broadcast(t, src=src)
+        out.append(t)
+    return out
+
+
 def barrier() -> None:
     if is_dist():
         dist.barrier()

@@ -26,31 +26,47 @@ def read_texts(path: str, text_column: str = "text") -> list[str]:
         readers = {".csv": pd.read_csv, ".jsonl": lambda f: pd.read_json(f, lines=True), ".parquet": pd.read_parquet}
         if p.suffix not in readers:
             raise DataError(f"{p}: unsupported file type {p.suffix!r} (use .txt, .csv, .jsonl or .parquet)")
-        frame = readers[p.suffix](p)
+        try:
+            frame = readers[p.suffix](p)
+        except pd.errors.EmptyDataError:
+            raise DataError(f"{p}: holds no texts (the file is empty)") from None
         if text_column not in frame.columns:
             raise DataError(f"{p}: column {text_column!r} not found (columns: {', '.join(map(str, frame.columns))}); use --text-column")
         texts = frame[text_column].tolist()
+    if not texts:
+        raise DataError(f"{p}: holds no texts (the file is empty)")
     empty = [i + 1 for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
     if empty:
         raise DataError(f"{p}: empty text in row(s) {', '.join(map(str, empty[:5]))}")
     return texts
 
 
-def _run(model_dir: str, texts: list[str], batch_size: int, max_length: int | None):
+def _run(model_dir: str, texts: list[str], batch_size: int, max_length: int | None, what: str):
+    from tqdm.auto import tqdm
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()    # loading takes a moment; the progress worth showing is the encoding's
     model = TextClassifier.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     max_length = max_length or model.meta.get("max_length") or DEFAULT_MAX_LENGTH
-    batches = (tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-               for i in range(0, len(texts), batch_size))
-    logits, embs = encode(model, batches, torch.device("cpu"))
+    # a progress bar (stderr) over the texts encoded, when there is more than one batch
+    with tqdm(total=len(texts), desc=what, unit="text", disable=len(texts) <= batch_size) as progress:
+        logits, embs = encode(model, _batches(tok, texts, batch_size, max_length, progress), torch.device("cpu"))
     return model, logits, embs
+
+
+def _batches(tok, texts: list[str], batch_size: int, max_length: int, progress):
+    """Tokenised batches of ``texts``; ``progress`` advances as each one has been encoded."""
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i:i + batch_size]
+        yield tok(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        progress.update(len(chunk))
 
 
 def predict_file(model_dir, input_path, output=None, text_column="text", batch_size=64, max_length=None) -> Path:
     texts = read_texts(input_path, text_column)
-    model, logits, _ = _run(model_dir, texts, batch_size, max_length)
+    model, logits, _ = _run(model_dir, texts, batch_size, max_length, "predict")
     prob = logits.softmax(1)
     names = model.label_names or [str(i) for i in range(logits.shape[1])]
     frame = pd.DataFrame({"text": texts, "label": [names[i] for i in prob.argmax(1).tolist()],
@@ -62,7 +78,7 @@ def predict_file(model_dir, input_path, output=None, text_column="text", batch_s
 
 def embed_file(model_dir, input_path, output=None, text_column="text", batch_size=64, max_length=None) -> Path:
     texts = read_texts(input_path, text_column)
-    _, _, emb = _run(model_dir, texts, batch_size, max_length)
+    _, _, emb = _run(model_dir, texts, batch_size, max_length, "embed")
     out = Path(output or Path(input_path).with_suffix(".embeddings.npy"))
     if out.suffix == ".parquet":
         pd.DataFrame({"text": texts, "embedding": list(emb.numpy())}).to_parquet(out)

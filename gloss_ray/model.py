@@ -67,6 +67,38 @@ def resolve_model_path(name: str | None) -> str:
     return name
 
 
+# what a local --model folder needs: a config, weights (one of), a tokenizer (one of these files)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+def check_model(name: str | None) -> str:
+    """The model path of ``name`` (:func:`resolve_model_path`), checked on the driver before anything
+    starts: a local folder must hold ``config.json``, weights and tokenizer files; a hub name must
+    be reachable (or cached, offline). Else :class:`ConfigError`, one line naming what is missing."""
+    path = resolve_model_path(name)
+    folder = Path(os.path.expanduser(path))
+    if folder.is_dir():
+        missing = [what for what, files in (("config.json", ("config.json",)), ("weights", WEIGHT_FILES),
+                                            ("tokenizer files", TOKENIZER_FILES))
+                   if not any((folder / f).is_file() for f in files)]
+        if missing:
+            raise ConfigError(f"--model: {folder}: not a model folder: no {', no '.join(missing)} "
+                              f"(weights: {' or '.join(WEIGHT_FILES[::2])}; tokenizer: {', '.join(TOKENIZER_FILES[:2])}, ...)")
+        return path
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") else ""
+        raise ConfigError(f"--model: {name}: no local folder of that name, and the Hugging Face hub did not "
+                          f"provide it{offline}: {first}") from None
+    return path
+
+
 def load_tokenizer(name: str | None):
     from transformers import AutoTokenizer
 

@@ -11,6 +11,7 @@ import yaml
 
 from .model import DEFAULT_MODEL, resolve_model_path
 from .options import DENSE
+from .storage import redact
 
 MINILM_HUB = "sentence-transformers/all-MiniLM-L6-v2"
 LOSS_NAMES = {
@@ -215,5 +216,5 @@ def write_model_card(model_dir: str | os.PathLike, cfg, metrics: dict, label_nam
     from huggingface_hub import ModelCard
 
     path = Path(model_dir) / "README.md"
-    ModelCard(render(cfg, metrics, label_names)).save(path)
+    ModelCard(redact(render(cfg, metrics, label_names))).save(path)   # URIs without their credentials
     return path

@@ -143,6 +143,8 @@ OPTIONS: dict[str, Option] = {
     "workers": Option(_INT1, "Ray Train workers, >= 1", integer=True, searchable=False),
     "cpus_per_worker": Option(number(0, lo_open=True, nullable="automatic"), "CPUs each worker reserves",
                               searchable=False),
+    "gpus_per_worker": Option(number(0, 1, lo_open=True), "GPUs each worker reserves with --gpu, in (0, 1]",
+                              searchable=False),
 }
 
 

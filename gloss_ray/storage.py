@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,25 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from .errors import DataError
+
+
+# scheme://user:password@ (also scheme:/user... as a URI passed through pathlib comes out)
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*:/+)[^/@\s]+@")
+REDACTED = "***"
+
+
+def redact(obj):
+    """``obj`` with the credentials of every URI in it replaced: ``s3://KEY:SECRET@bucket/x`` ->
+    ``s3://***@bucket/x``; a string, or the strings inside dicts, lists and tuples. Everything
+    gloss-ray writes or prints (metrics.json, the model card, logs, error lines) goes through it;
+    the run itself keeps the URI as given (pyarrow reads the credentials from it)."""
+    if isinstance(obj, str):
+        return _USERINFO.sub(lambda m: f"{m[1]}{REDACTED}@", obj)
+    if isinstance(obj, dict):
+        return {redact(k): redact(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v) for v in obj)
+    return obj
 
 
 def is_uri(path: str | os.PathLike) -> bool:
@@ -38,6 +58,16 @@ def filesystem(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 
 
 _fs = filesystem
+
+
+def ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
+    """``(storage_path, storage_filesystem)`` for Ray's ``RunConfig``: the URI itself, or, when it
+    holds credentials (``s3://KEY:SECRET@bucket``), the path inside the filesystem built from it,
+    so that Ray's logs and state files never hold them."""
+    if redact(uri) == uri:
+        return uri, None
+    fs, path = filesystem(uri)
+    return path, fs
 
 
 def join(base: str, *parts: str) -> str:
@@ -68,11 +98,12 @@ def remove_checkpoints(run_dir: str) -> int:
 
 
 def write_json(uri: str, obj) -> None:
-    """Write ``obj`` as indented JSON to a local path or URI (parent folders created)."""
+    """Write ``obj`` as indented JSON to a local path or URI (parent folders created), credentials
+    in URIs redacted."""
     fs, path = _fs(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
-        f.write((json.dumps(obj, indent=2, default=str) + "\n").encode())
+        f.write((json.dumps(redact(obj), indent=2, default=str) + "\n").encode())
 
 
 def read_json(uri: str):
@@ -90,9 +121,9 @@ def staged_output(dest: str):
 
 
 def _bucket(uri: str) -> str | None:
-    """The bucket of an ``s3://`` or ``gs://`` URI (None for other paths)."""
+    """The bucket of an ``s3://`` or ``gs://`` URI, without credentials (None for other paths)."""
     scheme, _, rest = str(uri).partition("://")
-    return rest.split("/", 1)[0] if scheme in ("s3", "gs", "gcs") and rest else None
+    return rest.split("/", 1)[0].rpartition("@")[2] if scheme in ("s3", "gs", "gcs") and rest else None
 
 
 def _info(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:

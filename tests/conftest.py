@@ -6,6 +6,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray's single-machine mode (read when ray is imported): the session's Ray instance, and every Ray
+# process the tests start, take 127.0.0.1 as their node address -- Ray 2.60 turns
+# ray.init(_node_ip_address="127.0.0.1") into the machine's network address otherwise.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 REPO = Path(__file__).resolve().parents[1]
 import pytest  # noqa: E402
 
@@ -49,11 +53,14 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One Ray instance for the whole test session (starting Ray costs seconds)."""
+    """One Ray instance for the whole test session (starting Ray costs seconds), started as
+    gloss-ray starts one (``init_ray``): on loopback, private to this session, so that Ray
+    instances of other sessions or runs on the machine neither see it nor trip it up."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    from gloss_ray.train.launch import init_ray
+
+    init_ray(num_cpus=4, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
     yield ray
 
 

@@ -114,3 +114,33 @@ def test_tune_rejects_bench_specs_before_anything_runs(tmp_path, capsys, data_di
     assert cli.main(["tune", "--benchmarks", "mr", "--losses", "ce,gloss+global", "--storage", str(tmp_path)]) == 2
     assert "gloss+global" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flag, value, field", [("--k", "dense", "k"), ("--margin", "none", "margin"),
+                                                ("--k-schedule", "null", "k_schedule")])
+def test_a_flag_set_to_none_on_the_command_line_overrides_the_yaml_file(tmp_path, flag, value, field):
+    from gloss_ray.cli import parse_args, train_config
+
+    p = tmp_path / "run.yaml"
+    p.write_text("benchmark: mr\nk: 8\nmargin: 2.0\nk_schedule: cosine\n")
+    assert getattr(train_config(parse_args(["train", "--config", str(p)])), field) is not None
+    assert getattr(train_config(parse_args(["train", "--config", str(p), flag, value])), field) is None
+
+
+def test_flags_not_given_leave_the_yaml_values(tmp_path):
+    from gloss_ray.cli import parse_args, train_config
+
+    p = tmp_path / "run.yaml"
+    p.write_text("benchmark: mr\nk: 8\nprogress: false\nlr: 1e-4\n")
+    cfg = train_config(parse_args(["train", "--config", str(p), "--lr", "2e-5"]))
+    assert (cfg.k, cfg.progress, cfg.lr) == (8, False, 2e-5)
+
+
+def test_a_run_that_ends_at_chance_gets_one_line_suggesting_the_short_run_settings():
+    from gloss_ray.train.outputs import SHORT_RUN_SETTINGS, chance_note
+
+    note = chance_note({"test_macro_f1": 0.53, "num_classes": 2, "best_val_macro_f1": 0.55})
+    assert note is not None and "\n" not in note and "chance" in note and SHORT_RUN_SETTINGS in note
+    assert chance_note({"test_macro_f1": 0.79, "num_classes": 2}) is None
+    assert chance_note({"test_macro_f1": 0.15, "num_classes": 8}) is not None
+    assert chance_note({"best_val_macro_f1": 0.9, "num_classes": 8}) is None     # no test split: validation

@@ -394,6 +394,20 @@ def test_pseudo_confidence_is_an_option():
         TrainConfig(benchmark="mr", pseudo_confidence=1.5)
 
 
+def test_ivf_calibration_counts_ties_between_duplicates_as_hits():
+    # 200 documents with 19 exact copies each (4000 of 5800 rows): the 16 nearest others of a copy are 16 of
+    # its 19 twins, all at similarity 1, and any 16 of them are right. Before, calibration matched ids, so
+    # twins other than exact search's picks were misses: recall stayed ~0.83 and nprobe / k_factor went to
+    # their maximum (nprobe = nlist, k_factor 256: a brute-force scan).
+    base, _ = clustered_unit_vectors(2000, 32, 8, rank=4, seed=0)
+    x = torch.cat([base] + [base[:200]] * 19).contiguous()
+    idx = KnnIndex.build(x, "faiss-ivf", codec="pq-bank")
+    assert idx.params["calib_recall"] >= 0.96
+    assert idx.params["nprobe"] < idx.params["nlist"] / 4 and idx.params["k_factor"] < 256
+    q = index_mod.held_out_queries(len(x), 1000, idx.calib_rows, seed=1)
+    assert index_mod.tie_aware_recall(x, q, idx.search(x[q], 16, exclude_ids=q).ids, 16) >= 0.95
+
+
 # ------------------------------------------------------------------ recall on queries not used for calibration
 def _record_calibration_queries(monkeypatch) -> list:
     """Row positions each index build searched during its recall calibration (exclude_ids of those searches)."""
@@ -458,14 +472,14 @@ def test_benchmark_recall_queries_are_not_the_calibration_queries(monkeypatch):
 
 
 # ------------------------------------------------------------------ one bank per node
-def _shared_bank_worker(rank, world, port, out):
+def _shared_bank_worker(rank, world, out):
     import os
 
     import torch.distributed as dist
 
     from gloss_ray.graph.shared import node_zeros
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # rendezvous through a file (a FileStore): no TCP store listening on any interface
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
     try:
         store = node_zeros((1000, 8), torch.float32, "test")
         bank = EmbeddingBank(1000, 8, torch.float32, vectors=store.tensor, writer=store.writer)
@@ -480,17 +494,12 @@ def _shared_bank_worker(rank, world, port, out):
 def test_node_zeros_gives_the_workers_of_a_node_one_copy(tmp_path):
     """Two ranks on one machine map one /dev/shm file (unlinked once mapped); the first writes,
     the other sees its rows and writes nothing itself."""
-    import socket
-
     import torch.multiprocessing as mp
 
     from gloss_ray.graph.shared import shm_room
     if shm_room() < 300 << 20:
         pytest.skip("no /dev/shm with room here")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_shared_bank_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    mp.spawn(_shared_bank_worker, args=(2, str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
     assert r0["shared"] and r1["shared"] and (r0["writer"], r1["writer"]) == (True, False)
     assert not r0["path_left"] and not r1["path_left"]

@@ -281,3 +281,18 @@ def test_python_m_entry_point(results, tmp_path, capsys):
     assert main([str(tmp_path / "nope")]) == 2 and "does not exist" in capsys.readouterr().err
     assert main([str(results["root"] / "runs" / "mr-ce-1.0-s0"), str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "out" / "report.html")
+
+
+def test_report_names_the_trial_the_search_retrained_by_the_spaces_metric_and_mode():
+    """A search on ``train_loss`` (min): the report's best trial is the one with the lowest train
+    loss -- the one the sweep retrained -- not the one with the best validation macro-F1."""
+    from gloss_ray.report.stats import search_summary
+    from gloss_ray.sweep.search import best_trial      # what run_search retrains
+
+    trials = [{"trial_id": tid, "benchmark": "mr", "loss": "gloss", "status": "TERMINATED",
+               "config": {"lr": lr}, "best_val_macro_f1": f1, "metric": "train_loss", "mode": "min",
+               "best_metric": loss}
+              for tid, lr, f1, loss in (("a", 1e-5, 0.81, 0.40), ("b", 1e-4, 0.78, 0.12), ("c", 1e-3, 0.70, 0.55))]
+    best = search_summary(trials)["best"][0]
+    assert best["trial_id"] == best_trial(trials)["trial_id"] == "b"
+    assert (best["metric"], best["mode"], best["best_metric"]) == ("train_loss", "min", 0.12)

@@ -178,3 +178,44 @@ def test_fingerprint_of_an_s3_file_follows_its_content(bucket):
     assert load_corpus(train_file=uri).fingerprint("train") == first  # stable while the object is unchanged
     _put(uri, _docs(14, 0))
     assert load_corpus(train_file=uri).fingerprint("train") != first  # rewritten: a new cache key
+
+
+# --------------------------------------------------------------------------- credentials
+SECRET = "wJalrXUtnFEMIK7MDENGbPxRfiCYzEXAMPLEKEY"
+
+
+def _with_credentials(uri: str) -> str:
+    return uri.replace("s3://", f"s3://AKIDEXAMPLE:{SECRET}@", 1)
+
+
+def _all_objects(uri: str) -> dict[str, bytes]:
+    fs, path = _fs_path(uri)
+    out = {}
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as f:
+                out[info.path] = f.read()
+    return out
+
+
+def test_credentials_in_uris_never_reach_written_files_or_output(ray_local, bucket, tiny_model_dir, tmp_path,
+                                                                 capfd):
+    """``s3://KEY:SECRET@bucket/...`` works, and the secret is in no file of the run (metrics.json,
+    model card, Ray's own files), nor in what the command prints; the URIs are kept, redacted."""
+    files = {split: _with_credentials(uri) for split, uri in _splits(bucket).items()}
+    storage = _with_credentials(f"{bucket}/runs")
+    assert cli.main(_train_args(files, tiny_model_dir, storage, "secret", tmp_path / "cache")) == 0
+    out, err = capfd.readouterr()
+    written = _all_objects(f"{bucket}/runs")
+    assert {"secret/metrics.json", "secret/model/README.md"} <= {p.split("/runs/", 1)[1] for p in written}
+    leaks = [p for p, data in written.items() if SECRET.encode() in data]
+    assert leaks == [] and SECRET not in out + err
+    metrics = json.loads(written[f"{bucket[5:]}/runs/secret/metrics.json"])
+    assert metrics["config"]["train_file"] == f"s3://***@{bucket[5:]}/data/train.csv"
+    assert f"--storage s3://***@{bucket[5:]}/runs" in metrics["config"]["extra"]["command"]
+
+
+def test_an_error_names_the_uri_without_its_credentials(bucket, capsys):
+    _splits(bucket)
+    err = _cli_error(capsys, "--train-file", _with_credentials(f"{bucket}/data/nope.csv"))
+    assert SECRET not in err and f"s3://***@{bucket[5:]}/data/nope.csv: file not found" in err

@@ -54,11 +54,12 @@ losses:
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """One local Ray instance, shared with the other test modules."""
+    """One local Ray instance, shared with the other test modules (as ``ray_local`` starts it)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False)
+    from gloss_ray.train.launch import init_ray
+
+    init_ray(num_cpus=4, include_dashboard=False)
     yield ray
 
 

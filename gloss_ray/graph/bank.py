@@ -91,6 +91,33 @@ class EmbeddingBank:
         self.version += 1
         self.refreshed_at_step = step
 
+    def replace_storage(self, vectors: Tensor, writer: bool = True) -> None:
+        """Hold the rows in ``vectors`` from now on (a zero ``[num_docs, dim]`` tensor, e.g. a private copy
+        replacing a node-shared one): every row is marked unfilled until written again."""
+        if vectors.shape != (self.num_docs, self.dim) or vectors.dtype != self.dtype or vectors.device != self.device:
+            raise ValueError(f"vectors must be a [{self.num_docs}, {self.dim}] {self.dtype} tensor on {self.device}")
+        self.vectors, self.writer = vectors, writer
+        self.filled.zero_()
+
+    def state_dict(self) -> dict:
+        """What the bank holds: ``vectors`` (the live tensor, not a copy, as ``nn.Module.state_dict``
+        does), ``filled``, ``version`` and ``refreshed_at_step`` (-1 before any refresh)."""
+        return {"vectors": self.vectors, "filled": self.filled, "version": int(self.version),
+                "refreshed_at_step": -1 if self.refreshed_at_step is None else int(self.refreshed_at_step)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output bit for bit (vectors as stored, not re-normalised; on a
+        node-shared bank only the writer writes them)."""
+        vectors = torch.as_tensor(state["vectors"])
+        if vectors.shape != (self.num_docs, self.dim):
+            raise ValueError(f"bank state has shape {tuple(vectors.shape)}, this bank ({self.num_docs}, {self.dim})")
+        if self.writer:
+            self.vectors.copy_(vectors.to(self.device, self.dtype))
+        self.filled.copy_(torch.as_tensor(state["filled"]).to(self.device))
+        self.version = int(state["version"])
+        step = int(state["refreshed_at_step"])
+        self.refreshed_at_step = None if step < 0 else step
+
     @property
     def fill_fraction(self) -> float:
         """Fraction of rows written at least once."""

@@ -21,6 +21,16 @@ Diagnostics per refresh: encode / index / search seconds, recall@k of the index 
 on a sample of documents that the index's recall calibration did not use, label homophily of the kNN
 graph (measured with the true labels, which in the low-label setting training never sees) and the
 accuracy and count of the pseudo-labels spread from all known labels.
+
+One choice for all ranks. Rank 0 alone picks each step's extra nodes (ids, embeddings, labels) and
+broadcasts them: every rank builds its own index, and on mixed hardware (other SIMD paths in FAISS or
+BLAS) two ranks could pick different extra nodes and so compute different global losses.
+
+Exact resume. :meth:`GlobalGraph.state_dict` holds everything the loss reads between refreshes -- the
+bank's rows as they are now, the kNN index as built at the last refresh (FAISS indexes serialised; a
+``torch-exact`` index is rebuilt over the bank, whose tensor it searches) and the refresh's kNN graph
+that spreads pseudo-labels -- and :meth:`GlobalGraph.refresh_due` tells the loop whether a restored
+graph needs a refresh at the start of an epoch.
 """
 from __future__ import annotations
 
@@ -31,21 +41,24 @@ import torch
 
 from .. import distributed as D
 from .bank import EmbeddingBank, GlobalNeighbours
-from .index import KnnIndex, KnnResult, choose_backend, exact_knn_torch, held_out_queries, label_homophily
+from .index import (BACKENDS, IVF_CODECS, KnnIndex, KnnResult, choose_backend, held_out_queries,
+                    label_homophily, tie_aware_recall)
 from .pseudo import LabelSpreading
-from .shared import node_zeros
+from .shared import node_zeros, recheck
 
 
 class GlobalGraph:
     def __init__(self, num_docs: int, dim: int, known_labels: np.ndarray, true_labels: np.ndarray, num_classes: int,
                  k: int, max_nodes: int, backend: str = "auto", device: torch.device | str = "cpu",
-                 pseudo_confidence: float = 0.0, diag_queries: int = 1000, seed: int = 0):
+                 pseudo_confidence: float = 0.0, diag_queries: int = 1000, seed: int = 0, log=print):
         self.device = torch.device(device)
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.known = torch.as_tensor(known_labels, dtype=torch.long)
         self.true_labels = np.asarray(true_labels)
         # on CPU, one bank per node when a node runs several workers (gloss_ray.graph.shared)
-        store = node_zeros((num_docs, dim), dtype, "bank") if self.device.type == "cpu" else None
+        self.log = log
+        store = node_zeros((num_docs, dim), dtype, "bank", log=log) if self.device.type == "cpu" else None
+        self._store = store
         self.shared = bool(store and store.shared)
         self.bank = EmbeddingBank(num_docs, dim, dtype, self.device, labels=self.known.clone().to(self.device),
                                   vectors=store.tensor if store else None, writer=store.writer if store else True)
@@ -53,13 +66,17 @@ class GlobalGraph:
         self.backend, self.pseudo_confidence, self.diag_queries, self.seed = backend, pseudo_confidence, diag_queries, seed
         self.neighbours: GlobalNeighbours | None = None
         self.spreading: LabelSpreading | None = None
+        self._knn: tuple[torch.Tensor, torch.Tensor] | None = None   # the refresh's kNN graph, when spreading
+        self.refreshed_at_epoch: int | None = None
         self.lookup_s = 0.0
         self.lookups = 0
 
-    def refresh(self, encode, step: int) -> dict:
-        """``encode(indices) -> embeddings`` (no grad) for this worker's shard; returns diagnostics."""
+    def refresh(self, encode, step: int, epoch: int | None = None) -> dict:
+        """``encode(indices) -> embeddings`` (no grad) for this worker's shard; returns diagnostics.
+        ``step`` and ``epoch`` (1-based) are recorded as the refresh's position (:meth:`refresh_due`)."""
         rank, world = D.rank_and_world()
         t0 = time.perf_counter()
+        self._check_store()
         shard = D.shard_indices(self.bank.num_docs, world, rank)
         emb = encode(shard).float()
         t_enc = time.perf_counter() - t0
@@ -84,7 +101,8 @@ class GlobalGraph:
         q = held_out_queries(n, self.diag_queries, index.calib_rows, seed=self.seed + step)
         diag["recall_at_k"] = tie_aware_recall(vecs.float(), q, torch.as_tensor(ids)[q], k)
         if bool((self.known < 0).any()):
-            self.spreading = LabelSpreading(ids, graph.scores, device=self.device)
+            self._knn = (graph.ids.cpu(), graph.scores.cpu().float())
+            self.spreading = LabelSpreading(*self._knn, device=self.device)
             pred, conf = (t.cpu().numpy() for t in self.spreading.spread(self.known, self.num_classes))
             unknown = self.known.numpy() < 0
             use = unknown & (pred >= 0) & (conf >= self.pseudo_confidence)
@@ -93,7 +111,58 @@ class GlobalGraph:
         self.neighbours = GlobalNeighbours(self.bank, index)
         diag["bank_bytes"], diag["index_bytes"] = self.bank_bytes(), index_nbytes(index, self.bank.vectors)
         diag["bank_shared"] = int(self.shared)    # 1: the bank's vectors are one copy per node
+        self.refreshed_at_epoch = epoch
         return diag
+
+    def _check_store(self) -> None:
+        """A node-shared bank whose reserved memory is gone on some node becomes a private one on every
+        rank (a collective; before the refresh rewrites every row)."""
+        if self._store is None:
+            return
+        store = recheck(self._store, "bank", self.log)
+        if store is not self._store:
+            self._store, self.shared = store, False
+            self.bank.replace_storage(store.tensor, store.writer)
+
+    def refresh_due(self, epoch: int, every: int) -> bool:
+        """Whether the loop must refresh at the start of ``epoch`` (1-based) when refreshing every ``every``
+        epochs: never refreshed (nor restored from a refreshed state), or a refresh epoch
+        (``(epoch - 1) % every == 0``) that has not had its refresh yet (one recorded with ``epoch``)."""
+        if every < 1:
+            raise ValueError(f"refresh_every must be >= 1, got {every}")
+        return self.neighbours is None or ((epoch - 1) % every == 0 and self.refreshed_at_epoch != epoch)
+
+    def state_dict(self) -> dict:
+        """Everything the global loss reads between refreshes, as tensors, ints, floats and a dict of
+        numbers (``torch.load(weights_only=True)`` reads it): the bank (its live tensors, not copies),
+        the refresh's position, its kNN graph (when pseudo-labels are spread) and its index."""
+        bank = self.bank.state_dict()
+        state = {"num_docs": self.bank.num_docs, "dim": self.bank.dim,
+                 "bank_vectors": bank["vectors"], "bank_filled": bank["filled"], "bank_version": bank["version"],
+                 "refreshed_at_step": bank["refreshed_at_step"],
+                 "refreshed_at_epoch": -1 if self.refreshed_at_epoch is None else int(self.refreshed_at_epoch),
+                 "knn_ids": self._knn[0] if self._knn else torch.empty(0, 0, dtype=torch.long),
+                 "knn_scores": self._knn[1] if self._knn else torch.empty(0, 0)}
+        state.update(index_state(self.neighbours.index if self.neighbours else None))
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output into a graph built with the same arguments: lookups then
+        give what the saved graph's would have. A collective (every rank calls it: a node-shared bank's
+        writer writes the rows, the others wait for it)."""
+        if (int(state["num_docs"]), int(state["dim"])) != (self.bank.num_docs, self.bank.dim):
+            raise ValueError(f"global graph state is for {int(state['num_docs'])} docs x {int(state['dim'])}, "
+                             f"this graph has {self.bank.num_docs} x {self.bank.dim}")
+        self.bank.load_state_dict({"vectors": state["bank_vectors"], "filled": state["bank_filled"],
+                                   "version": state["bank_version"], "refreshed_at_step": state["refreshed_at_step"]})
+        D.barrier()
+        epoch = int(state["refreshed_at_epoch"])
+        self.refreshed_at_epoch = None if epoch < 0 else epoch
+        ids, scores = state["knn_ids"], state["knn_scores"]
+        self._knn = (ids, scores) if ids.numel() else None
+        self.spreading = LabelSpreading(ids, scores, device=self.device) if self._knn else None
+        index = restore_index(state, self.bank)
+        self.neighbours = GlobalNeighbours(self.bank, index) if index is not None else None
 
     @staticmethod
     def _search_sharded(index: KnnIndex, vecs: torch.Tensor, k: int, shard: list[int]) -> KnnResult:
@@ -125,10 +194,17 @@ class GlobalGraph:
 
     def lookup(self, batch_indices: torch.Tensor, batch_embeddings: torch.Tensor):
         """Extra labelled nodes for a (global) batch: ``(embeddings, labels)``, detached; the labels come
-        from :meth:`labels_for_batch` (no batch document's label reaches them)."""
+        from :meth:`labels_for_batch` (no batch document's label reaches them). Rank 0 chooses them and
+        every rank gets its choice (a collective)."""
         t = time.perf_counter()
-        labels = self.labels_for_batch(batch_indices)
-        _, emb, lab = self.neighbours.lookup(batch_indices, batch_embeddings, self.k, self.max_nodes, labels=labels)
+        found = None
+        if D.rank_and_world()[0] == 0:
+            labels = self.labels_for_batch(batch_indices)
+            _, emb, lab = self.neighbours.lookup(batch_indices, batch_embeddings, self.k, self.max_nodes,
+                                                 labels=labels)
+            found = [emb, lab]
+        emb, lab = D.broadcast_rows(found, [(batch_embeddings.dtype, (self.bank.dim,)), (torch.long, ())],
+                                    batch_embeddings.device)
         self.lookup_s += time.perf_counter() - t
         self.lookups += 1
         return emb, lab
@@ -143,19 +219,57 @@ class GlobalGraph:
         return mean
 
 
-def tie_aware_recall(vecs: torch.Tensor, q: torch.Tensor, approx_ids: torch.Tensor, k: int) -> float:
-    """recall@k of ``approx_ids`` (neighbours of corpus rows ``q``, self excluded) against exact search,
-    counting a returned neighbour as correct when it is at least as similar as the exact k-th one
-    (so ties among equal scores -- duplicate documents -- do not count as misses)."""
-    qv = vecs[q.to(vecs.device)]
-    exact = exact_knn_torch(vecs, qv, k + 1)
-    own = exact.ids.cpu() == q[:, None]
-    kth = torch.where(own, torch.inf, exact.scores.cpu()).sort(dim=1, descending=True).values
-    kth = torch.where(own.any(1), exact.scores.cpu()[:, -1], kth[:, k - 1])  # k-th score without self
-    a = approx_ids.clamp_min(0).to(vecs.device)
-    sims = (vecs[a] * qv[:, None, :]).sum(-1).cpu()
-    hit = (approx_ids >= 0) & (approx_ids != q[:, None]) & (sims >= kth[:, None] - 1e-5)
-    return float(hit.sum(1).clamp(max=k).float().mean() / k)
+def index_state(index: KnnIndex | None) -> dict:
+    """``index`` as numbers: ``index_backend`` (position in :data:`BACKENDS`, -1 = no index), ``index_faiss``
+    (the serialised FAISS index, uint8; empty for ``torch-exact``, which searches the bank's own tensor),
+    ``index_codec`` (position in :data:`IVF_CODECS`, -1 = none), ``index_id_map`` (empty = none) and
+    ``index_params`` (its numeric parameters, e.g. calibrated ``nprobe``, ``k_factor``, ``ef_search``)."""
+    empty = {"index_backend": -1, "index_faiss": torch.empty(0, dtype=torch.uint8), "index_codec": -1,
+             "index_id_map": torch.empty(0, dtype=torch.long), "index_params": {}}
+    if index is None:
+        return empty
+    state = dict(empty, index_backend=BACKENDS.index(index.backend),
+                 index_params={k: v for k, v in index.params.items()
+                               if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if index.params.get("codec") in IVF_CODECS:
+        state["index_codec"] = IVF_CODECS.index(index.params["codec"])
+    if index.id_map is not None:
+        state["index_id_map"] = index.id_map.cpu()
+    if index._index is not None:
+        import faiss
+
+        ix = faiss.index_gpu_to_cpu(index._index) if index.backend == "faiss-gpu" else index._index
+        state["index_faiss"] = torch.from_numpy(faiss.serialize_index(ix))
+    return state
+
+
+def restore_index(state: dict, bank: EmbeddingBank) -> KnnIndex | None:
+    """The index :func:`index_state` describes, over ``bank`` (restored first: a ``torch-exact`` index and
+    an IVF ``pq-bank`` index search or re-rank its tensor)."""
+    pos = int(state["index_backend"])
+    if pos < 0:
+        return None
+    backend = BACKENDS[pos]
+    if backend == "torch-exact":
+        return bank.build_index(backend, labelled_only=False, **state["index_params"])
+    import faiss
+
+    ix = faiss.deserialize_index(state["index_faiss"].numpy())
+    params = dict(state["index_params"])
+    if int(state["index_codec"]) >= 0:
+        params["codec"] = IVF_CODECS[int(state["index_codec"])]
+    index = KnnIndex(backend, bank.dim, int(ix.ntotal), str(bank.device), params)
+    if backend == "faiss-gpu":  # untested here: no FAISS GPU build on the reference machine
+        index._gpu_res = faiss.StandardGpuResources()
+        ix = faiss.index_cpu_to_gpu(index._gpu_res, bank.device.index or 0, ix)
+    index._index = ix
+    if backend == "faiss-ivf":
+        index._ivf = faiss.extract_index_ivf(ix)
+    if params.get("codec") == "pq-bank":
+        index._rerank = bank.index_vectors()
+    if state["index_id_map"].numel():
+        index.id_map = state["index_id_map"].long()
+    return index
 
 
 def index_nbytes(index: KnnIndex, bank_vectors: torch.Tensor | None = None) -> int:

@@ -272,7 +272,9 @@ class KnnIndex:
         (left at FAISS's default otherwise).
 
         Recall calibration (``faiss-ivf`` without ``nprobe``, ``faiss-hnsw`` without ``ef_search``):
-        the smallest value on a ladder whose recall@``calib_k`` (16) against exact search, measured on
+        the smallest value on a ladder whose recall@``calib_k`` (16) against exact search -- tie-aware
+        (:func:`tie_aware_recall`: a neighbour as similar as the exact k-th one is a hit, so exact
+        duplicates are not misses) -- measured on
         ``calib_queries`` (1000, at most half the corpus) random corpus docs (self excluded;
         :func:`calibration_rows`, kept in ``calib_rows``), reaches ``target_recall`` (0.96, a margin over
         0.95 for the sampling error). The estimate is kept in ``params["calib_recall"]``; it is measured
@@ -318,7 +320,8 @@ class KnnIndex:
         return max(1, min(nlist, int(self.params.get("nprobe") or max(8, math.ceil(nlist / 80)))))
 
     def _calibrate(self, x: torch.Tensor, name: str, ladder: list[int], apply: Any) -> int:
-        """Smallest ``ladder`` value (passed to ``apply``) reaching ``target_recall`` on sampled queries."""
+        """Smallest ``ladder`` value (passed to ``apply``) whose :func:`tie_aware_recall` on sampled queries
+        reaches ``target_recall``."""
         target = self.params.get("target_recall", 0.96)
         k = min(int(self.params.get("calib_k", 16)), self.ntotal - 1)
         if k < 1:
@@ -326,11 +329,11 @@ class KnnIndex:
         rows = calibration_rows(self.ntotal, int(self.params.get("calib_queries", 1000)),
                                 int(self.params.get("seed", 0)))
         self.calib_rows = rows
-        exact = _drop_excluded(exact_knn_torch(x, x[rows], k + 1), rows.unsqueeze(1), k)
+        kth = kth_neighbour_scores(x, rows, k)
         rec = float("nan")
         for value in ladder:
             apply(value)
-            rec = recall_at_k(self.search(x[rows], k, exclude_ids=rows).ids, exact.ids)
+            rec = tie_aware_recall(x, rows, self.search(x[rows], k, exclude_ids=rows).ids, k, kth=kth)
             if rec >= target:
                 break
         self.params.update({name: value, "calib_recall": rec})
@@ -508,6 +511,32 @@ def recall_at_k(approx_ids: Array, exact_ids: Array) -> float:
     denom = ev.sum(1)
     ok = denom > 0
     return float((found.sum(1)[ok] / denom[ok]).mean()) if ok.any() else float("nan")
+
+
+def kth_neighbour_scores(vecs: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact score (inner product) of the ``k``-th nearest other row of ``vecs`` for each corpus row in ``q``
+    (the row itself excluded), float32 on CPU; the threshold of :func:`tie_aware_recall`."""
+    q = torch.as_tensor(q).long().cpu()
+    exact = exact_knn_torch(vecs, vecs[q.to(vecs.device)], k + 1)
+    scores, own = exact.scores.cpu(), (exact.ids.cpu() == q[:, None]).any(1)
+    return torch.where(own, scores[:, k], scores[:, k - 1])  # the k-th after self, or the k-th (self tied out)
+
+
+def tie_aware_recall(vecs: torch.Tensor, q: Array, approx_ids: Array, k: int,
+                     kth: Optional[torch.Tensor] = None) -> float:
+    """recall@k of ``approx_ids`` (neighbours of corpus rows ``q``, self excluded) against exact search,
+    counting a returned neighbour as correct when it is at least as similar as the exact k-th one
+    (within 1e-5), so ties among equal scores -- duplicate documents -- do not count as misses.
+    ``kth``: :func:`kth_neighbour_scores` of ``q`` when already computed (e.g. across a calibration ladder)."""
+    q = torch.as_tensor(q).long().cpu()
+    approx_ids = _to_tensor(approx_ids).long().cpu()
+    if kth is None:
+        kth = kth_neighbour_scores(vecs, q, k)
+    qv = vecs[q.to(vecs.device)]
+    a = approx_ids.clamp_min(0).to(vecs.device)
+    sims = (vecs[a] * qv[:, None, :]).sum(-1).float().cpu()
+    hit = (approx_ids >= 0) & (approx_ids != q[:, None]) & (sims >= kth[:, None] - 1e-5)
+    return float(hit.sum(1).clamp(max=k).float().mean() / k)
 
 
 def label_homophily(ids: Array, labels: Array, self_ids: Optional[Array] = None) -> float:

@@ -11,27 +11,40 @@ The graph and the transition matrix follow the G-Loss authors' published code:
 
 Everything here is plain PyTorch and differentiable with respect to the embeddings.
 
-Unreachable hidden nodes. A hidden node that is (effectively) unreachable from the labelled nodes
-gets the **class prior of the visible nodes** (the fraction of visible nodes in each class, extra
-labelled nodes included) as its row of ``F_U``, exactly, with no gradient. Reachability is decided
-on the transition matrix ``T``: a hidden node is reachable when a path of transitions, each above
-``tau = sqrt(eps)`` of the computation dtype (1.5e-8 in float64, 3.5e-4 in float32), leads from it to
-a labelled node. So a node is unreachable when
+Weakly linked and unreachable hidden nodes. How well a hidden node is linked to the labelled nodes is
+measured on the transition matrix ``T`` by its **bottleneck** ``b``: over all paths from it to a labelled
+node, the largest value of the path's weakest transition (0 when no path of non-zero transitions exists:
+with a tiny sigma every kernel weight underflows to 0; top-k can cut a group off). Two thresholds of the
+computation dtype bound the rule:
 
-* no path of non-zero weights links it to a labelled node (with a tiny sigma every kernel weight
-  underflows to 0; top-k can cut a group off), or
-* its only links towards the labelled nodes are transitions below ``tau`` (e.g. a tight group of
-  hidden near-duplicates far from every labelled node). ``I - T_UU`` cannot be solved accurately for
-  such a group: an escape probability ``p`` leaves about ``eps / p`` of error, and below ~``eps`` the
-  solve returns rows of 1e-35 or 1e40 instead of probabilities.
+* ``b >= tau = sqrt(eps)`` (1.5e-8 in float64, 3.5e-4 in float32): the node is solved as it is.
+* ``b <= lo = eps^(3/4)`` (1.8e-12 in float64, 6.4e-6 in float32): the node gets the **class prior of the
+  visible nodes** (the fraction of visible nodes in each class, extra labelled nodes included) as its row
+  of ``F_U``, exactly, with no gradient. ``I - T_UU`` cannot be solved accurately for such a node's group
+  (e.g. a tight group of hidden near-duplicates far from every labelled node): an escape probability ``p``
+  leaves about ``eps / p`` of error, and below ~``eps`` the solve returns rows of 1e-35 or 1e40.
+* In between, the random walk leaks to the prior: at each step at that node it stops with probability
+  ``kappa(b)`` and takes the prior, and moves along ``T`` otherwise. ``kappa`` rises continuously from 0 at
+  ``tau`` to 1 at ``lo``; it is chosen so that a node whose escape probability is ``b`` keeps the share
+  ``w = 1 - smoothstep(log(tau/b) / log(tau/lo))`` of its harmonic solution (``kappa/(1-kappa) = b(1-w)/w``),
+  so the rows pass smoothly from the harmonic solution to the prior over ``log(tau/lo)``, and the leak keeps
+  the system's escape probability at about ``b/w >= b``. ``kappa`` is a constant for the gradient.
 
-Unreachable nodes then act like labelled nodes carrying the prior: the reachable nodes ``G`` are
-solved with those rows as fixed boundary values, ``F_G = (I - T_GG)^-1 (T_GL Y_L + T_GB prior)``, so
-every row of ``F_U`` sums to 1 and gradients are those of this well-conditioned system. As a last
-guard, a solved row that is not finite or does not sum to 1 within ``tau`` (in exact arithmetic it
-sums to exactly 1) also marks its node as unreachable and the rest is solved again.
+With ``K = diag(kappa)`` over the nodes ``G`` with ``b > lo`` and ``B`` the nodes fixed at the prior,
+``F_G = (I - (I-K) T_GG)^-1 ((I-K)(T_GL Y_L + T_GB prior) + K prior)``; for ``kappa = 0`` this is the
+harmonic solution with the rows of ``B`` as fixed boundary values. Every row of this ``F_G`` sums to 1 in
+exact arithmetic; the solved rows are divided by their sums, which removes the rounding error of a near-
+singular solve (it scales a weakly linked group's rows, not their direction). As ``kappa`` and the
+system are continuous in ``T``, so are ``F_U`` and the loss -- in sigma too, for a dense graph and as long
+as no node's degree falls below the isolation limit of :func:`transition_matrix` (top-k changes ``T`` by
+steps when the k-th neighbour changes; isolating a node drops its column, which the column normalisation
+keeps at O(1) up to then). As a last guard, a solved row that is not finite
+or whose sum is off 1 by more than ``eps^(1/4)`` also marks its node as fixed at the prior, and the rest
+is solved again.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -100,17 +113,20 @@ def transition_matrix(w: Tensor, authors_eps: bool = False) -> Tensor:
     return _safe_div(t, t.sum(dim=1, keepdim=True))
 
 
-def reachable_from_labelled(t_ul: Tensor, t_uu: Tensor, threshold: float = 0.0) -> Tensor:
-    """Boolean mask of hidden nodes that have a path to some labelled node along transitions ``T_ij``
-    greater than ``threshold``."""
+def bottleneck_to_labelled(t_ul: Tensor, t_uu: Tensor) -> Tensor:
+    """For each hidden node, the widest-path bottleneck to the labelled nodes: the largest ``b`` such that
+    a path of transitions ``T_ij >= b`` leads from it to some labelled node (0 if no path of non-zero
+    transitions does). ``t_ul``: |U| x |L| transitions to the labelled nodes, ``t_uu``: |U| x |U|. No
+    gradient."""
     with torch.no_grad():
-        reach = (t_ul > threshold).any(dim=1)
-        step = (t_uu > threshold).to(torch.float32)
-        while True:
-            new = reach | (step @ reach.to(torch.float32) > 0)
-            if torch.equal(new, reach):
-                return reach
-            reach = new
+        if t_ul.shape[1] == 0:
+            return torch.zeros(t_uu.shape[0], dtype=t_uu.dtype, device=t_uu.device)
+        b = t_ul.max(dim=1).values
+        while True:  # b only takes values of entries of T and never decreases: at most |U| + 1 rounds
+            new = torch.maximum(b, torch.minimum(t_uu, b[None, :]).max(dim=1).values) if b.numel() else b
+            if torch.equal(new, b):
+                return b
+            b = new
 
 
 def _solve(t_uu: Tensor, rhs: Tensor) -> Tensor:
@@ -124,21 +140,43 @@ def _solve(t_uu: Tensor, rhs: Tensor) -> Tensor:
 
 
 def reachability_threshold(dtype: torch.dtype) -> float:
-    """``tau = sqrt(eps)`` of ``dtype``: the smallest transition that counts for reachability, and how far a
-    solved row's sum may be from 1 (see the module docstring)."""
+    """``tau = sqrt(eps)`` of ``dtype``: a hidden node whose bottleneck to the labelled nodes is at least
+    this is solved as it is (see the module docstring)."""
     return torch.finfo(dtype).eps ** 0.5
 
 
+def prior_threshold(dtype: torch.dtype) -> float:
+    """``lo = eps^(3/4)`` of ``dtype``: a hidden node whose bottleneck to the labelled nodes is at most
+    this gets exactly the class prior (see the module docstring)."""
+    return torch.finfo(dtype).eps ** 0.75
+
+
+def prior_leak(b: Tensor) -> Tensor:
+    """Per hidden node, the probability ``kappa`` that the walk stops at it and takes the class prior, from
+    its bottleneck ``b`` (see the module docstring): 0 for ``b >= tau``, 1 for ``b <= lo``, and in between
+    ``kappa / (1 - kappa) = b (1 - w) / w`` with ``w = 1 - smoothstep(log(tau / b) / log(tau / lo))``.
+    Continuous and non-increasing in ``b``; no gradient."""
+    with torch.no_grad():
+        tau, lo = reachability_threshold(b.dtype), prior_threshold(b.dtype)
+        u = ((math.log(tau) - b.log()) / math.log(tau / lo)).clamp(0.0, 1.0)  # b = 0: log = -inf, u = 1
+        w = 1 - u * u * (3 - 2 * u)
+        r = b * (1 - w) / torch.where(w > 0, w, torch.ones_like(w))
+        return torch.where(w > 0, r / (1 + r), torch.ones_like(w))
+
+
 def propagate(t: Tensor, y_l: Tensor, visible: Tensor) -> Tensor:
-    """Harmonic solution ``F_U = (I - T_UU)^-1 T_UL Y_L`` for the hidden rows of ``t``.
+    """Harmonic solution ``F_U = (I - T_UU)^-1 T_UL Y_L`` for the hidden rows of ``t``, with the rows of
+    weakly linked hidden nodes drawn towards the class prior.
 
     ``t`` is an n x n row-stochastic transition matrix (rows of isolated nodes may be 0), ``y_l`` the
     |L| x C one-hot (or probability) labels of the visible nodes in their original order (rows sum to 1),
     ``visible`` a boolean mask over the n nodes. Returns the |U| x C scores of the hidden nodes in their
-    original order. Hidden nodes that are unreachable from the labelled nodes -- no path of transitions
-    above :func:`reachability_threshold`, or a solved row that does not sum to 1 within it -- get the
-    class prior of the visible nodes, and the other hidden nodes are solved with those rows fixed at
-    the prior (see the module docstring).
+    original order, rows summing to 1. A hidden node whose bottleneck to the labelled nodes
+    (:func:`bottleneck_to_labelled`) is below :func:`reachability_threshold` leaks to the class prior of the
+    visible nodes with probability :func:`prior_leak` at each step of the walk; at or below
+    :func:`prior_threshold` (or when its solved row is not finite or far from summing to 1) it gets the
+    prior exactly, and the other hidden nodes are solved with its row fixed there (see the module
+    docstring).
     """
     hid = ~visible
     t_ul = t[hid][:, visible]
@@ -146,8 +184,9 @@ def propagate(t: Tensor, y_l: Tensor, visible: Tensor) -> Tensor:
     y_l = y_l.to(t.dtype)
     prior = y_l.sum(dim=0) / y_l.sum()
     n_u = t_uu.shape[0]
-    tol = reachability_threshold(t.dtype)
-    active = reachable_from_labelled(t_ul, t_uu, tol)
+    kappa = prior_leak(bottleneck_to_labelled(t_ul, t_uu))
+    active = kappa < 1
+    guard = torch.finfo(t.dtype).eps ** 0.25
     base = t_ul @ y_l
     while True:
         r = active.nonzero().squeeze(1)
@@ -158,12 +197,18 @@ def propagate(t: Tensor, y_l: Tensor, visible: Tensor) -> Tensor:
         fixed = (~active).nonzero().squeeze(1)
         if fixed.numel():
             rhs = rhs + t_uu[r][:, fixed].sum(dim=1, keepdim=True) * prior
-        sol = _solve(t_uu[r][:, r], rhs)
+        t_rr = t_uu[r][:, r]
+        leak = kappa[r]
+        if bool(leak.any()):
+            rhs = (1 - leak)[:, None] * rhs + leak[:, None] * prior
+            t_rr = (1 - leak)[:, None] * t_rr
+        sol = _solve(t_rr, rhs)
         mass = sol.detach().sum(dim=1)
-        bad = ~torch.isfinite(mass) | ((mass - 1).abs() > tol)
+        bad = ~torch.isfinite(mass) | ((mass - 1).abs() > guard)
         if not bool(bad.any()):
             break
         active[r[bad]] = False
+    sol = sol / sol.sum(dim=1, keepdim=True)
     if r.numel() == n_u:
         return sol
     return (prior.expand(n_u, -1) + 0.0 * t.sum()).index_put((r,), sol)
@@ -207,7 +252,8 @@ def label_propagation(
     Returns:
         |U| x C tensor: for each hidden row (in original order) its propagated class scores, a row
         that sums to 1. A node unreachable from the labelled set (no path of non-zero weights, or
-        links too weak for the dtype; see the module docstring) gets the visible nodes' class prior.
+        links too weak for the dtype) gets the visible nodes' class prior; a weakly linked one a blend of
+        its harmonic solution and the prior that is continuous in the graph (see the module docstring).
 
     Example:
         >>> import torch

@@ -34,7 +34,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
     (default ``results_dir/report``).
 
     Returns ``{name relative to out_dir: path}`` for every file written. Raises
-    :class:`ConfigError` naming ``results_dir`` if it is missing or holds no metrics.json.
+    :class:`ConfigError` naming ``results_dir`` if it is missing or holds neither runs nor a search.
     """
     results = collect(results_dir)
     out = Path(out_dir) if out_dir is not None else results.dir / "report"

@@ -91,15 +91,15 @@ def run_key(m: dict, multi_variant: bool = False) -> str:
 
 def collect(results_dir: str | Path) -> Results:
     """Runs and trials under ``results_dir``; :class:`ConfigError` naming it if it is missing or
-    holds no metrics.json."""
+    holds neither a metrics.json nor a search (a search still running has trials and no runs yet)."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise ConfigError(f"{results_dir}: results directory does not exist")
-    if next(results_dir.rglob("metrics.json"), None) is None:
-        raise ConfigError(f"{results_dir}: no metrics.json found under the results directory")
     skipped: list[tuple[str, str]] = []
-    runs = load_runs(results_dir, skipped)
-    return Results(results_dir, runs, load_trials(results_dir, skipped), skipped)
+    runs, trials = load_runs(results_dir, skipped), load_trials(results_dir, skipped)
+    if next(results_dir.rglob("metrics.json"), None) is None and not trials:
+        raise ConfigError(f"{results_dir}: no metrics.json and no search trials found under the results directory")
+    return Results(results_dir, runs, trials, skipped)
 
 
 def load_runs(results_dir: Path, skipped: list) -> list[Run]:
@@ -158,8 +158,12 @@ def _keep_one_per_seed(runs: list[Run], skipped: list) -> list[Run]:
 def load_trials(results_dir: Path, skipped: list) -> list[dict]:
     """Trial records of every ``trials.json`` (a list of dicts, or ``{"trials": [...]}``), each
     with ``benchmark``, ``loss`` (falling back to the folder name ``<benchmark>__<loss>``),
-    ``source`` (the file) and ``config`` (a dict)."""
+    ``source`` (the file) and ``config`` (a dict); plus those of searches still running or
+    interrupted (:func:`unfinished_search_trials`)."""
     out = []
+    for state in sorted(results_dir.rglob("experiment_state-*.json")):
+        if not (state.parent / "trials.json").exists():
+            out += unfinished_search_trials(state.parent)
     for path in sorted(results_dir.rglob("trials.json")):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -174,4 +178,42 @@ def load_trials(results_dir: Path, skipped: list) -> list[dict]:
                 out.append({**t, "benchmark": str(t.get("benchmark") or bench),
                             "loss": str(t.get("loss") or loss), "source": str(path),
                             "config": t["config"] if isinstance(t.get("config"), dict) else {}})
+    return out
+
+
+def unfinished_search_trials(exp_dir: Path) -> list[dict]:
+    """Records of a Ray Tune search that has not written its ``trials.json`` yet (still running, or
+    interrupted and waiting for the same command to resume it), read from Tune's own files: each
+    trial folder's ``params.json`` and ``result.json`` (one row per reported epoch). A trial that Tune
+    ended (``trial_ended.json``) is ``ERROR``, or ``TERMINATED`` when it ran as many epochs as the
+    longest trial so far and ``STOPPED_EARLY`` when fewer (ASHA stopped it); the others are
+    ``UNFINISHED``. The search's objective is not in these files: read as ``val_macro_f1``, max."""
+    from ..sweep.spaces import decode_params
+
+    bench, _, loss = exp_dir.name.partition("__")
+    source = str(exp_dir / "trials.json")      # where the finished search will write them
+    out = []
+    for params in sorted(exp_dir.glob("*/params.json")):
+        folder = params.parent
+        rows = []
+        if (folder / "result.json").exists():
+            for line in (folder / "result.json").read_text(encoding="utf-8").splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+        f1 = [num(r.get("val_macro_f1")) for r in rows if num(r.get("val_macro_f1")) is not None]
+        ended = folder / "trial_ended.json"
+        errored = ended.exists() and json.loads(ended.read_text(encoding="utf-8")).get("status") == "ERROR"
+        out.append({"trial_id": folder.name, "benchmark": bench, "loss": loss, "source": source,
+                    "status": "ERROR" if errored else ("ENDED" if ended.exists() else "UNFINISHED"),
+                    "config": decode_params(json.loads(params.read_text(encoding="utf-8"))),
+                    "best_val_macro_f1": max(f1) if f1 else None,
+                    "iterations": max((int(r.get("epoch", 0)) for r in rows), default=0),
+                    "time_s": num(rows[-1].get("time_total_s")) if rows else None,
+                    "metric": "val_macro_f1", "mode": "max", "best_metric": max(f1) if f1 else None})
+    longest = max((t["iterations"] for t in out), default=0)
+    for t in out:
+        if t["status"] == "ENDED":
+            t["status"] = "TERMINATED" if t["iterations"] >= longest else "STOPPED_EARLY"
     return out

@@ -148,19 +148,47 @@ def _search_tables(doc: _Doc, summary: Summary) -> None:
     doc.table(["Device", "Search hours", "Final/bench run hours"],
               [[d, f"{search['hours_by_device'].get(d, 0.0):.3f}", f"{run_hours.get(d, 0.0):.3f}"]
                for d in devices])
-    doc.table(["Benchmark", "Loss", "Trials", "Terminated", "Stopped early", "Errored", "Hours"],
+    doc.table(["Benchmark", "Loss", "Trials", "Terminated", "Stopped early", "Errored", "Not finished", "Hours"],
               [[c["benchmark"], c["loss"], c["trials"], c["terminated"], c["stopped_early"],
-                c["errored"], f"{sum(c['hours_by_device'].values()):.3f}"] for c in search["counts"]])
+                c["errored"], c["other"], f"{sum(c['hours_by_device'].values()):.3f}"] for c in search["counts"]])
+    if any(c["other"] for c in search["counts"]):
+        doc.p("Not finished: trials of a search that is still running or was interrupted (the same "
+              "`gloss-ray tune` command resumes it); the best configuration below is the best so far.")
     doc.h(3, "Best configuration per benchmark and loss")
-    doc.table(["Benchmark", "Loss", "Trial", "Best val macro-F1 (%)", "Searched parameters"],
-              [[b["benchmark"], b["loss"], b["trial_id"], pct(b["best_val_macro_f1"]),
+    doc.table(["Benchmark", "Loss", "Trial", "Search objective", "Best val macro-F1 (%)", "Searched parameters"],
+              [[b["benchmark"], b["loss"], b["trial_id"], f"{b['metric']} ({b['mode']}) {b['best_metric']:.4f}",
+                pct(b["best_val_macro_f1"]),
                 ", ".join(f"{k}={value_label(k, b['config'].get(k))}" for k in b["searched"])
                 or "(none varied)"] for b in search["best"]])
+    _effects(doc, search.get("effects", []))
     if search["errors"]:
         doc.h(3, "Errored trials")
         doc.table(["Benchmark", "Loss", "Trial", "Error"],
                   [[x["benchmark"], x["loss"], x["trial_id"], " ".join(str(x["error"]).split())[:300]]
                    for x in search["errors"]])
+
+
+def _effects(doc: _Doc, effects: list[dict]) -> None:
+    """Which searched parameters mattered (:mod:`gloss_ray.report.importance`)."""
+    if not effects:
+        return
+    doc.h(3, "Which parameters mattered")
+    for e in effects:
+        n = e["effects"][0]["n"]
+        doc.p(f"{bench_label(e['benchmark'])} x {e['loss']}: every trial scored by its validation macro-F1 "
+              f"after epoch {e['epoch']} (the epoch every trial of an ASHA search reaches), {n} trials. "
+              "Importance: Optuna's fANOVA share of the variance (sums to 1); effect: mean score per "
+              "value, best first, or the Spearman correlation of a numeric parameter with the score. "
+              f"With {n} trials these are indications, not measurements.")
+        doc.table(["Parameter", "fANOVA importance", "Effect"],
+                  [[x["param"], f"{x['importance']:.2f}", _effect_text(x)] for x in e["effects"]])
+
+
+def _effect_text(x: dict) -> str:
+    if x["kind"] == "numeric":
+        rho = "n/a" if x["spearman"] is None else f"{x['spearman']:+.2f}"
+        return f"Spearman {rho} over [{x['range'][0]:.3g}, {x['range'][1]:.3g}]"
+    return ", ".join(f"{v['value']} {100 * v['mean']:.2f} (n={v['n']})" for v in x["levels"])
 
 
 def _embeddings(doc: _Doc, summary: Summary, drawn: Drawn, benches: list[str]) -> None:

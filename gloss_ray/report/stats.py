@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ..sweep.trials import best_trial, objective
 from .collect import Results, Run, bench_rank, key_rank, num
+from .importance import RUNG_EPOCH, parameter_effects, with_rung_metrics
 
 METRICS = ("test_accuracy", "test_macro_f1", "best_val_macro_f1", "silhouette", "best_epoch",
            "wall_time_s")
@@ -195,7 +197,7 @@ def search_summary(trials: list[dict]) -> dict:
     groups: dict[tuple, list] = defaultdict(list)
     for t in trials:
         groups[(t["benchmark"], t["loss"])].append(t)
-    best, counts, errors = [], [], []
+    best, counts, errors, effects = [], [], [], []
     hours: dict[str, float] = defaultdict(float)
     for (bench, loss), ts in sorted(groups.items(), key=lambda kv: (bench_rank(kv[0][0]),
                                                                      key_rank(kv[0][1]))):
@@ -207,7 +209,10 @@ def search_summary(trials: list[dict]) -> dict:
         top = _best_trial(bench, loss, ts)
         if top is not None:
             best.append(top)
-    return {"best": best, "counts": counts, "errors": errors, "hours_by_device": dict(hours)}
+        mode = top["mode"] if top is not None else "max"
+        if found := parameter_effects(with_rung_metrics(ts), mode=mode):
+            effects.append({"benchmark": bench, "loss": loss, "epoch": RUNG_EPOCH, "effects": found})
+    return {"best": best, "counts": counts, "errors": errors, "effects": effects, "hours_by_device": dict(hours)}
 
 
 def _trial_counts(bench: str, loss: str, ts: list[dict]) -> dict:
@@ -225,14 +230,15 @@ def _trial_counts(bench: str, loss: str, ts: list[dict]) -> dict:
 
 
 def _best_trial(bench: str, loss: str, ts: list[dict]) -> dict | None:
-    """The non-errored trial with the best validation macro-F1 and the parameters that varied."""
-    ok = [t for t in ts if t.get("status") != "ERROR" and num(t.get("best_val_macro_f1")) is not None]
-    if not ok:
+    """The search's best trial (:func:`gloss_ray.sweep.trials.best_trial`: the one the sweep
+    retrained), its objective and the parameters that varied."""
+    top = best_trial(ts)
+    if top is None:
         return None
-    top = max(ok, key=lambda t: t["best_val_macro_f1"])
+    metric, mode, value = objective(top)
     cfgs = [t.get("config") or {} for t in ts]
     varied = sorted(k for k in set().union(*cfgs)
                     if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in cfgs}) > 1)
     return {"benchmark": bench, "loss": loss, "trial_id": top.get("trial_id"),
-            "best_val_macro_f1": top["best_val_macro_f1"],
-            "config": top.get("config") or {}, "searched": varied}
+            "best_val_macro_f1": num(top.get("best_val_macro_f1")), "metric": metric, "mode": mode,
+            "best_metric": value, "config": top.get("config") or {}, "searched": varied}

@@ -15,7 +15,7 @@ import yaml
 from ..config import TrainConfig
 from ..errors import ConfigError
 from ..options import dense_to_none, load_yaml
-from ..storage import absolute, join
+from ..storage import absolute, join, redact
 from .spaces import Space, load_space
 
 PREFIX = "[gloss-ray]"
@@ -25,7 +25,7 @@ _SPEC = re.compile(r"^(?P<loss>[a-z_]+)(?P<glob>\+global)?(?:@(?P<frac>[0-9.]+))
 
 
 def log(msg: str) -> None:
-    print(f"{PREFIX} {msg}", flush=True)
+    print(redact(f"{PREFIX} {msg}"), flush=True)
 
 
 def last_line(err) -> str:

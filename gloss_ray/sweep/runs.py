@@ -66,7 +66,7 @@ def run_many(jobs: list[tuple[str, TrainConfig]], concurrency: int, keep_checkpo
 
 def default_concurrency(requested: int | None, base: dict) -> int:
     """Runs at a time: ``requested`` (``--concurrency``), else as many as the cluster's GPUs (with
-    --gpu) or CPUs hold (one when ``cpus_per_worker`` is automatic: a CPU run then takes the whole
+    --gpu, ``gpus_per_worker`` each) or CPUs hold (one when ``cpus_per_worker`` is automatic: a CPU run then takes the whole
     machine)."""
     import ray
 
@@ -74,7 +74,7 @@ def default_concurrency(requested: int | None, base: dict) -> int:
         return int(requested)
     res = ray.cluster_resources()
     if base["gpu"]:
-        return max(1, int(res.get("GPU", 0) // base["workers"]))
+        return max(1, int(res.get("GPU", 0) // (base["workers"] * base.get("gpus_per_worker", 1.0))))
     if base["cpus_per_worker"] is None:
         return 1
     return max(1, int(res.get("CPU", 1) // (base["workers"] * base["cpus_per_worker"])))

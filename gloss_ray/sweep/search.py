@@ -21,6 +21,7 @@ from ..storage import exists, join, read_json, remove_checkpoints, write_json
 from .plan import last_line, log, run_config
 from .ray_cleanup import StopTrainRuns, register_run, released
 from .spaces import Dist, Space, decode_params, to_tune
+from .trials import best_trial
 
 ASHA_REDUCTION = 4   # ASHA keeps the best 1/4 of the trials at each rung (Ray's default)
 # The trial function only drives its Train run, whose workers reserve their own CPUs/GPUs. Tune
@@ -103,7 +104,8 @@ class _SearchCallback(Callback):
 def trial_records(results, benchmark: str, loss: str, epochs: int, metric: str, mode: str, device: str,
                   workers: int) -> list[dict]:
     """trials.json records of a Tune ResultGrid (schema: :func:`gloss_ray.report.collect.load_trials`),
-    plus ``metric`` and ``best_metric`` (the trial's best epoch on the space's metric)."""
+    plus the search's objective: ``metric``, ``mode`` and ``best_metric`` (the trial's best epoch on the
+    space's metric), from which :func:`gloss_ray.sweep.trials.best_trial` picks the best trial."""
     def best(df, col, how):
         v = df[col].dropna() if df is not None and col in df else []
         return float(v.max() if how == "max" else v.min()) if len(v) else None
@@ -120,14 +122,8 @@ def trial_records(results, benchmark: str, loss: str, epochs: int, metric: str, 
             "config": config, "best_val_macro_f1": best(df, "val_macro_f1", "max"), "iterations": last_epoch,
             "time_s": float(time_s) if time_s is not None else None, "device": device, "num_workers": workers,
             "error": last_line(r.error) if r.error is not None else None,
-            "metric": metric, "best_metric": best(df, metric, mode)})
+            "metric": metric, "mode": mode, "best_metric": best(df, metric, mode)})
     return sorted(records, key=lambda t: t["trial_id"])
-
-
-def best_trial(records: list[dict], mode: str) -> dict | None:
-    """The non-errored trial with the best ``best_metric``, or None."""
-    ok = [t for t in records if t["status"] != "ERROR" and t.get("best_metric") is not None]
-    return (max if mode == "max" else min)(ok, key=lambda t: t["best_metric"]) if ok else None
 
 
 def _max_epochs(spec: dict, base_epochs: int) -> int:
@@ -146,7 +142,7 @@ def _summary(label: str, records: list[dict], trials_file: str, space: Space) ->
     for t in records:
         if t["error"]:
             log(f"  trial {t['trial_id']} failed: {t['error']}")
-    best = best_trial(records, space.mode)
+    best = best_trial(records)
     if best:
         log(f"search {label}: best trial {best['trial_id']}, {space.metric} {best['best_metric']:.4f}, "
             f"{best['config']}")
@@ -206,7 +202,7 @@ def run_search(sweep_dir: str, benchmark: str, loss: str, base: dict, space: Spa
     if exists(trials_file):
         records = read_json(trials_file)
         log(f"search {label}: done earlier ({len(records)} trials in {trials_file})")
-        return records, best_trial(records, space.mode)
+        return records, best_trial(records)
 
     spec = space.for_run(benchmark, loss)
     epochs = _max_epochs(spec, base["epochs"])

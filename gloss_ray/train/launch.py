@@ -4,20 +4,32 @@ Re-running with the same ``--storage`` and ``--name`` resumes from the run's lat
 """
 from __future__ import annotations
 
+import os
 
 from ..config import TrainConfig
 from ..errors import GlossRayError
-from ..storage import exists, join, read_json
+from ..storage import exists, join, ray_storage, read_json, redact
+
+GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"     # ray.init starts a new instance's GCS on this port
 
 
 def init_ray(**kwargs) -> None:
-    """Connect to the running cluster (``RAY_ADDRESS``, ``ray job submit``, ``ray start``) or start a
-    local Ray instance when there is none."""
+    """Connect to the cluster the user named (``RAY_ADDRESS``, ``ray job submit``) or started with
+    ``ray start`` on this machine -- as ``ray.init()`` does; else start a local Ray instance of this
+    command's own, as ``ray.init()`` does too.
+
+    Such private instances of several commands (two ``gloss-ray train``, a test session) coexist on
+    one machine: each one's workers get its address in ``RAY_ADDRESS``, so Ray's own lookups inside
+    them (Train's placement-group cleaner queries the state API) find their instance instead of
+    failing with "Found multiple active Ray instances"."""
     import logging
 
     import ray
 
     if not ray.is_initialized():
+        private = kwargs.get("address") is None and _starts_a_local_instance()
+        if private:
+            kwargs = _private_instance(kwargs)
         # A new local instance logs that token authentication is on by default and how to opt out
         # (plus, once, where it saved the token): the default is the safe one and needs no action
         # from the user, so that logger is quiet while Ray starts. Ray's other messages are kept.
@@ -28,14 +40,42 @@ def init_ray(**kwargs) -> None:
             ray.init(**kwargs)
         finally:
             auth.setLevel(level)
+            if private:
+                os.environ.pop(GCS_PORT_VARIABLE, None)
+
+
+def _starts_a_local_instance() -> bool:
+    """Whether ``ray.init()`` without an address would start a new local instance: no
+    ``RAY_ADDRESS`` and no cluster started with ``ray start`` on this machine."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    return canonicalize_bootstrap_address(None) is None
+
+
+def _private_instance(kwargs: dict) -> dict:
+    """``ray.init`` options of a private local instance: its GCS on a free port
+    (``RAY_GCS_SERVER_PORT``, set here until ``ray.init`` returns), that address in its workers'
+    ``RAY_ADDRESS``."""
+    import socket
+
+    import ray.util
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    os.environ[GCS_PORT_VARIABLE] = str(port)
+    runtime_env = dict(kwargs.get("runtime_env") or {})
+    address = f"{kwargs.get('_node_ip_address') or ray.util.get_node_ip_address()}:{port}"
+    runtime_env["env_vars"] = {"RAY_ADDRESS": address, **runtime_env.get("env_vars", {})}
+    return {**kwargs, "runtime_env": runtime_env}
 
 
 def preflight(cfg: TrainConfig) -> None:
     """Check the data and model on the driver, so bad input fails in one line before Ray starts."""
     from ..data import load_corpus
-    from ..model import resolve_model_path
+    from ..model import check_model
 
-    resolve_model_path(cfg.model)
+    check_model(cfg.model)
     load_corpus(cfg.benchmark, data_dir=cfg.data_dir, train_file=cfg.train_file, validation_file=cfg.validation_file,
                 test_file=cfg.test_file, text_column=cfg.text_column, label_column=cfg.label_column,
                 hf_dataset=cfg.hf_dataset, max_samples={"train": 2, "validation": 2, "test": 2})
@@ -86,14 +126,16 @@ def fit(cfg: TrainConfig, callbacks: list | None = None) -> dict:
     init_ray()
     if cfg.cpus_per_worker is None:
         cfg.cpus_per_worker = 1.0 if cfg.gpu else auto_cpus_per_worker(cfg.workers)
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.gpu else {})}
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpu else {})}
+    storage_path, storage_fs = ray_storage(root)
     trainer = TorchTrainer(
         _worker,
         train_loop_config=cfg.to_dict(),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=cfg.name,
-            storage_path=root,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # Train's own per-step INFO lines (resources, process group, "Reporting training result
@@ -106,7 +148,7 @@ def fit(cfg: TrainConfig, callbacks: list | None = None) -> dict:
            f"{cfg.cpus_per_worker:g} CPU, outputs -> {run_dir}")
     if not cfg.extra.get("stage"):      # a sweep's runs resume with the sweep's command, which says so itself
         msg += f"\n[gloss-ray] to resume after an interruption, run the same command with --name {cfg.name}"
-    print(msg, flush=True)
+    print(redact(msg), flush=True)
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors; surface a bad-input error as one line

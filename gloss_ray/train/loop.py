@@ -46,7 +46,7 @@ def train(cfg: TrainConfig, session) -> dict:
 
     state, best_weights = checkpoint.new_state(), None
     if ckpt_dir := session.checkpoint_dir():
-        state, best_weights = checkpoint.restore(ckpt_dir, model, optimizer, scheduler, device)
+        state, best_weights = checkpoint.restore(ckpt_dir, model, optimizer, scheduler, device, graph)
         log(f"[gloss-ray] resumed from checkpoint after epoch {state['epoch']} (step {state['global_step']})")
     calibrate(objective, state, model, data, device, cfg.seed, log)
 
@@ -66,7 +66,7 @@ def train(cfg: TrainConfig, session) -> dict:
         state["epoch"] = epoch
         log(f"[gloss-ray] epoch {epoch}: loss {row['train_loss']:.4f} (ce {row['train_ce']:.4f}, aux {row['train_aux']:.4f}) "
             f"val acc {val['accuracy']:.4f} macro-F1 {val['macro_f1']:.4f}{' *' if improved else ''} [{row['epoch_time_s']:.1f}s]")
-        checkpoint.save_and_report(session, row, state, model, optimizer, scheduler, best_weights, rank)
+        checkpoint.save_and_report(session, row, state, model, optimizer, scheduler, best_weights, rank, graph)
         checkpoint.maybe_fail_once(cfg, epoch, rank)
         if should_stop(cfg, epoch, state, data.total_steps, log):
             break
@@ -144,10 +144,13 @@ def calibrate(objective: TrainingObjective, state: dict, model, data: WorkerData
 
 # ---------------------------------------------------------------------------------------------- an epoch
 def refresh_graph(graph, cfg: TrainConfig, epoch: int, model, data: WorkerData, device, step: int, log) -> dict:
-    """Re-encode the corpus and rebuild the global graph every ``refresh_every`` epochs."""
-    if graph is None or not ((epoch - 1) % cfg.refresh_every == 0 or graph.neighbours is None):
+    """Re-encode the corpus and rebuild the global graph every ``refresh_every`` epochs (epochs 1,
+    1 + refresh_every, ...). A resumed run goes on with the graph of its checkpoint: it refreshes only
+    where the uninterrupted run would have."""
+    if graph is None or not graph.refresh_due(epoch, cfg.refresh_every):
         return {}
-    d = graph.refresh(lambda rows: encode(model, data.loader_for(data.full_train, rows), device)[1].to(device), step)
+    d = graph.refresh(lambda rows: encode(model, data.loader_for(data.full_train, rows), device)[1].to(device),
+                      step, epoch)
     log(f"[gloss-ray] global graph ({d['graph_backend']}): refresh {d['refresh_s']:.1f}s (encode "
         f"{d['encode_s']:.1f}s, index {d['index_s']:.2f}s, search {d['search_s']:.2f}s), recall@{cfg.global_k} "
         f"{d['recall_at_k']:.3f}, homophily {d['homophily']:.3f}"

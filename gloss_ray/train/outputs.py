@@ -19,7 +19,7 @@ from .. import plots
 from ..metrics import silhouette
 from ..model import unwrap
 from ..model_card import write_model_card
-from ..storage import staged_output
+from ..storage import redact, staged_output
 from .session import peak_rss_kib
 
 
@@ -48,13 +48,28 @@ def finish(cfg, session, model, data, state: dict, device, t_start: float, log, 
         write_outputs(cfg, session.run_dir, final, state["history"], model, data.tokenizer, data.corpus.label_names,
                       test_emb, test_labels)
         log(f"[gloss-ray] done: test acc {final.get('test_accuracy', float('nan')):.4f} macro-F1 "
-            f"{final.get('test_macro_f1', float('nan')):.4f} (best epoch {state['best_epoch']}); outputs in {session.run_dir}")
+            f"{final.get('test_macro_f1', float('nan')):.4f} (best epoch {state['best_epoch']}); outputs in {redact(session.run_dir)}")
     D.barrier()
     return final
 
 
+SHORT_RUN_SETTINGS = "--lr 1e-4 --head-lr 3e-3"   # the README's first command: 3,000 MR documents, 1 epoch -> 0.79
+
+
+def chance_note(metrics: dict) -> str | None:
+    """One line when a run ended at chance -- macro-F1 (test, else best validation) within a tenth
+    of the way from 1/classes (a uniform guess) to 1 -- suggesting the short-run learning rates; else None."""
+    f1 = metrics.get("test_macro_f1", metrics.get("best_val_macro_f1"))
+    k = metrics.get("num_classes") or 0
+    if not isinstance(f1, (int, float)) or k < 2 or f1 > 1 / k + 0.1 * (1 - 1 / k):
+        return None
+    return (f"[gloss-ray] note: macro-F1 {f1:.3f} is at chance for {k} classes (1/{k} = {1 / k:.3f}): the model "
+            f"learned little. Short runs (a few thousand documents, an epoch or two) need higher learning "
+            f"rates than the defaults, e.g. {SHORT_RUN_SETTINGS}")
+
+
 def write_outputs(cfg, run_dir, final, history, model, tokenizer, label_names, test_emb, test_labels) -> None:
-    final = {**final, "config": cfg.to_dict(), "stage": cfg.extra.get("stage", "final")}
+    final = redact({**final, "config": cfg.to_dict(), "stage": cfg.extra.get("stage", "final")})  # no credentials
     with staged_output(run_dir) as out:
         (out / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
         with open(out / "history.csv", "w", newline="") as f:

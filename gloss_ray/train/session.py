@@ -5,6 +5,7 @@ process (no Ray; the Ray-overhead benchmark and quick tests use it). The loop di
 """
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import sys
@@ -16,25 +17,44 @@ import torch
 
 
 class LocalSession:
-    """One process, no Ray: checkpoints in ``<run_dir>/local_checkpoint``."""
+    """One process, no Ray (on ``device``, default the GPU if any): checkpoints in ``<run_dir>/local_checkpoint``.
 
-    def __init__(self, run_dir: str):
+    A new checkpoint is copied whole into ``local_checkpoint.partial``, then renamed into place (the
+    last good one is moved aside as ``local_checkpoint.previous`` meanwhile, and removed after), so a
+    run killed at any point still finds a complete checkpoint: a partial copy is never read."""
+
+    def __init__(self, run_dir: str, device: str | None = None):
         self.run_dir = run_dir
         self.ckpt = Path(run_dir) / "local_checkpoint"
+        self.partial = self.ckpt.with_name("local_checkpoint.partial")
+        self.previous = self.ckpt.with_name("local_checkpoint.previous")
+        self._device = device
 
     def device(self) -> torch.device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        """``device`` if given, else the GPU when there is one."""
+        return torch.device(self._device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def prepare_model(self, model):
         return model.to(self.device())
 
     def checkpoint_dir(self) -> str | None:
-        return str(self.ckpt) if (self.ckpt / "state.json").exists() else None
+        """The last complete checkpoint: ``local_checkpoint``, or the one moved aside when a run was
+        killed between the two renames of :meth:`report`."""
+        for folder in (self.ckpt, self.previous):
+            if (folder / "state.json").exists():
+                return str(folder)
+        return None
 
     def report(self, metrics: dict, ckpt_dir: str | None) -> None:
-        if ckpt_dir:
-            shutil.rmtree(self.ckpt, ignore_errors=True)
-            shutil.copytree(ckpt_dir, self.ckpt)
+        if not ckpt_dir:
+            return
+        shutil.rmtree(self.partial, ignore_errors=True)
+        shutil.copytree(ckpt_dir, self.partial)
+        if self.ckpt.exists():
+            shutil.rmtree(self.previous, ignore_errors=True)
+            os.replace(self.ckpt, self.previous)
+        os.replace(self.partial, self.ckpt)
+        shutil.rmtree(self.previous, ignore_errors=True)
 
 
 class RaySession:
