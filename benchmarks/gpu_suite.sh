@@ -4,10 +4,14 @@
 #
 #   bash benchmarks/gpu_suite.sh                        # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_suite.sh --dry-run              # the same steps on the CPU at toy sizes (~5 min)
+#   bash benchmarks/gpu_suite.sh --table                # only the five-benchmark table, its own call (~8 min)
+#   bash benchmarks/gpu_suite.sh --table --dry-run      # the table's runs on the CPU at toy sizes
 #   options: --model DIR  encoder folder (default: the packaged all-MiniLM-L6-v2)
 #            --data DIR   folder holding mr/{train,validation,test}.parquet (default: $GLOSS_RAY_DATA, ./data,
 #                         the user cache, else downloaded)
-#            --out DIR    (default: benchmarks/results/gpu_suite, or gpu_suite_dryrun with --dry-run)
+#            --data DIR   with --table it must hold all five: {mr,r8,r52,ohsumed,20ng}/{train,validation,test}.parquet
+#            --out DIR    (default: benchmarks/results/gpu_suite, or gpu_suite_dryrun with --dry-run;
+#                         gpu_table / gpu_table_dryrun with --table)
 #
 # Steps (each timed; a failed step is recorded and the suite goes on):
 #   env            torch / CUDA / GPU / Ray / FAISS versions
@@ -18,12 +22,19 @@
 #                  where a GPU build imports (faiss.get_num_gpus() > 0)
 #   mr_reference   full MR, CE vs G-Loss with the reference settings (configs/paper_minilm.yaml: batch 128,
 #                  lr 3e-5, 10 epochs, length 128), seed 0, through `gloss-ray bench --gpu`
+# With --table, instead (one call of its own: the per-call limit of a lent machine is 10 minutes):
+#   five_benchmarks  CE vs G-Loss (defaults) at the reference settings (configs/paper_minilm.yaml) on MR, R8,
+#                  R52, Ohsumed and 20NG, 3 seeds = 30 runs, 8 at a time on the one GPU (gpus_per_worker
+#                  0.125: all-MiniLM-L6-v2 at batch 128 needs a few GB and ~1-3 s a training epoch, so one
+#                  run alone leaves the GPU idle); the report (tables, paired differences) is copied to
+#                  five_benchmarks/ and summarised in gpu_suite.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DRY=0; MODEL=""; DATA="${GLOSS_RAY_DATA:-}"; OUT=""
+DRY=0; TABLE=0; MODEL=""; DATA="${GLOSS_RAY_DATA:-}"; OUT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
+    --table) TABLE=1 ;;
     --model) MODEL="$2"; shift ;;
     --data) DATA="$2"; shift ;;
     --out) OUT="$2"; shift ;;
@@ -31,7 +42,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-OUT="${OUT:-benchmarks/results/gpu_suite$([ $DRY = 1 ] && echo _dryrun)}"
+OUT="${OUT:-benchmarks/results/$([ $TABLE = 1 ] && echo gpu_table || echo gpu_suite)$([ $DRY = 1 ] && echo _dryrun)}"
 mkdir -p "$OUT"; rm -f "$OUT"/*.status
 export PYTHONUNBUFFERED=1 RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 [ -n "$DATA" ] && export GLOSS_RAY_DATA="$DATA"
@@ -64,6 +75,24 @@ try:
 except Exception:
     info['faiss_gpus'] = 0
 json.dump(info, open('$OUT/env.json', 'w'), indent=1); print(info)"
+
+if [ $TABLE = 1 ]; then
+  if [ $DRY = 1 ]; then
+    TABLE_SETS=(--seeds 1 --concurrency 2 --set max_train=64 --set max_eval=48 --set epochs=1 --set max_length=32
+                --set batch_size=16 --set eval_batch_size=64)
+  else
+    TABLE_SETS=(--seeds 3 --concurrency 8 --set gpus_per_worker=0.125 --set cpus_per_worker=2)
+  fi
+  rm -rf "$OUT/runs"
+  step five_benchmarks 570 python3 -m gloss_ray.cli bench --config configs/paper_minilm.yaml "${GPU_FLAG[@]}" \
+    --benchmarks mr,r8,r52,ohsumed,20ng --losses ce,gloss "${TABLE_SETS[@]}" "${MODEL_SET[@]}" "${DATA_SET[@]}" \
+    --set progress=false --storage "$OUT/runs" --name five_benchmarks
+  mkdir -p "$OUT/five_benchmarks"
+  cp -r "$OUT/runs/five_benchmarks/report/." "$OUT/five_benchmarks/" 2>/dev/null
+  rm -rf "$OUT/runs"           # models and checkpoints: the report keeps the figures
+  python3 benchmarks/gpu_suite_summary.py "$OUT"
+  exit $?
+fi
 
 step gpu_tests 150 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml"
 

@@ -39,6 +39,13 @@ def headline(out: Path) -> dict:
         h["mr_reference"] = {r["key"]: {k: r.get(k) for k in ("test_accuracy_mean", "test_macro_f1_mean",
                                                               "best_val_macro_f1_mean", "best_epoch_mean",
                                                               "wall_time_s_mean")} for r in mr["results"]}
+    if table := _load(out / "five_benchmarks" / "results.json"):
+        h["five_benchmarks"] = {
+            "results": [{k: r.get(k) for k in ("benchmark", "key", "n_seeds", "test_accuracy_mean",
+                                               "test_accuracy_std", "test_macro_f1_mean")} for r in table["results"]],
+            "differences": [{k: d.get(k) for k in ("benchmark", "key", "baseline", "n_pairs", "mean_diff",
+                                                   "ci_low", "ci_high", "p_value")} for d in table["differences"]
+                            if d.get("metric") == "test_accuracy"]}
     return h
 
 

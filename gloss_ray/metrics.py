@@ -16,9 +16,10 @@ def classification_metrics(y_true, y_pred, num_classes: int) -> dict:
 
 def silhouette(embeddings: np.ndarray, labels: np.ndarray, max_points: int = 5000, seed: int = 0) -> float | None:
     """Cosine silhouette of the embeddings grouped by true label (a sample of ``max_points``);
-    None when fewer than 2 classes are present."""
+    None where it is undefined: fewer than 2 classes, or as many classes as documents (a small test
+    set of a many-class corpus, e.g. 48 R52 documents of 48 classes)."""
     labels = np.asarray(labels)
-    if len(np.unique(labels)) < 2 or len(labels) < 3:
+    if not 2 <= len(np.unique(labels)) <= len(labels) - 1:
         return None
     sample = None if len(labels) <= max_points else max_points
     return float(silhouette_score(embeddings, labels, metric="cosine", sample_size=sample, random_state=seed))
