@@ -55,7 +55,8 @@ def _tune_folder(root, n=6):
     trial, trial_ended.json for the trials Tune ended, no trials.json yet."""
     exp = root / "search" / "mr__gloss"
     exp.mkdir(parents=True)
-    (exp / "experiment_state-2026-12-07_13-44-52.json").write_text("{}")
+    for started in ("2026-12-07_13-44-52", "2026-12-07_15-46-07"):      # started, then resumed once
+        (exp / f"experiment_state-{started}.json").write_text("{}")
     for i in range(n):
         t = exp / f"t{i}"
         t.mkdir()
@@ -73,7 +74,9 @@ def test_a_search_that_has_not_finished_is_read_from_tunes_own_files(tmp_path):
     from gloss_ray.report.collect import collect
 
     _tune_folder(tmp_path)
-    trials = {t["trial_id"]: t for t in collect(tmp_path).trials}
+    found = collect(tmp_path).trials
+    assert len(found) == 6                      # each trial once, however often the search restarted
+    trials = {t["trial_id"]: t for t in found}
     assert [trials[f"t{i}"]["status"] for i in range(6)] == \
         ["TERMINATED", "TERMINATED", "STOPPED_EARLY", "STOPPED_EARLY", "UNFINISHED", "UNFINISHED"]
     assert trials["t1"]["config"]["k"] is None and abs(trials["t0"]["best_val_macro_f1"] - 0.79) < 1e-12

@@ -161,9 +161,9 @@ def load_trials(results_dir: Path, skipped: list) -> list[dict]:
     ``source`` (the file) and ``config`` (a dict); plus those of searches still running or
     interrupted (:func:`unfinished_search_trials`)."""
     out = []
-    for state in sorted(results_dir.rglob("experiment_state-*.json")):
-        if not (state.parent / "trials.json").exists():
-            out += unfinished_search_trials(state.parent)
+    for exp_dir in sorted({s.parent for s in results_dir.rglob("experiment_state-*.json")}):
+        if not (exp_dir / "trials.json").exists():       # one state file per (re)start of the search
+            out += unfinished_search_trials(exp_dir)
     for path in sorted(results_dir.rglob("trials.json")):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))

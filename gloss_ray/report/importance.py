@@ -121,8 +121,11 @@ def _levels(column: list, values: np.ndarray) -> list[dict]:
 
 
 def _key(v: Any) -> str:
-    """A hashable, printable label for a parameter value (``None`` is the dense graph: ``dense``)."""
-    return "dense" if v is None else str(v)
+    """A hashable, printable label for a parameter value (``None`` is the dense graph: ``dense``;
+    floats to 4 significant digits)."""
+    if v is None:
+        return "dense"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _numeric(column: list) -> bool:
