@@ -181,6 +181,21 @@ def load_trials(results_dir: Path, skipped: list) -> list[dict]:
     return out
 
 
+def tune_result_rows(trial_dir: Path) -> list[dict]:
+    """The rows Ray Tune wrote for a trial (``<trial_dir>/result.json``, one JSON object per reported
+    epoch); [] when there is no such file; unreadable lines are left out."""
+    path = Path(trial_dir) / "result.json"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
 def unfinished_search_trials(exp_dir: Path) -> list[dict]:
     """Records of a Ray Tune search that has not written its ``trials.json`` yet (still running, or
     interrupted and waiting for the same command to resume it), read from Tune's own files: each
@@ -195,13 +210,7 @@ def unfinished_search_trials(exp_dir: Path) -> list[dict]:
     out = []
     for params in sorted(exp_dir.glob("*/params.json")):
         folder = params.parent
-        rows = []
-        if (folder / "result.json").exists():
-            for line in (folder / "result.json").read_text(encoding="utf-8").splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    continue
+        rows = tune_result_rows(folder)
         f1 = [num(r.get("val_macro_f1")) for r in rows if num(r.get("val_macro_f1")) is not None]
         ended = folder / "trial_ended.json"
         errored = ended.exists() and json.loads(ended.read_text(encoding="utf-8")).get("status") == "ERROR"

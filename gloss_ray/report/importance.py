@@ -22,7 +22,6 @@ they rest on.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -35,14 +34,9 @@ RUNG_EPOCH = 1
 def rung_metric(trial_dir: Path, metric: str, epoch: int = RUNG_EPOCH) -> float | None:
     """The trial's ``metric`` at ``epoch`` from Tune's ``result.json`` in ``trial_dir``, or None
     when the trial did not report that epoch (it failed before, or the file is missing)."""
-    path = Path(trial_dir) / "result.json"
-    if not path.is_file():
-        return None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
+    from .collect import tune_result_rows
+
+    for row in tune_result_rows(trial_dir):
         if row.get("epoch") == epoch and _finite(row.get(metric)):
             return float(row[metric])
     return None
