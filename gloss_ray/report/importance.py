@@ -7,7 +7,8 @@ trial (``<trial folder>/result.json``, one JSON object per reported epoch).
 
 For each parameter that varied across the trials the result gives
 * ``importance``: Optuna's fANOVA importance (the share of the metric's variance explained by that
-  parameter, a seeded random forest over the trials; the importances sum to 1), and
+  parameter, a seeded random forest over the trials; the importances sum to 1), or None when the
+  scores do not vary enough for the forest to explain anything (every trial scored the same), and
 * ``levels``: for a categorical parameter the mean score per value, and for a numeric one the
   Spearman rank correlation with the score -- the direction, which fANOVA does not give.
 
@@ -67,11 +68,12 @@ def parameter_effects(trials: list[dict], mode: str = "max", seed: int = 0) -> l
                     if len({_key(c.get(k)) for c in configs}) > 1)
     if not params:
         return []
-    importance = _fanova(params, configs, values, mode, seed)
+    importance = _fanova(params, configs, values, mode, seed) if np.ptp(values) > 0 else None
     effects = []
     for p in params:
         column = [c.get(p) for c in configs]
-        effect = {"param": p, "importance": importance.get(p, 0.0), "n": len(scored)}
+        effect = {"param": p, "importance": None if importance is None else importance.get(p, 0.0),
+                  "n": len(scored)}
         if _numeric(column):
             from scipy.stats import spearmanr
 
@@ -81,11 +83,14 @@ def parameter_effects(trials: list[dict], mode: str = "max", seed: int = 0) -> l
         else:
             effect.update(kind="categorical", levels=_levels(column, values))
         effects.append(effect)
-    return sorted(effects, key=lambda e: -e["importance"])
+    return sorted(effects, key=lambda e: -(e["importance"] or 0.0))
 
 
-def _fanova(params: list[str], configs: list[dict], values: np.ndarray, mode: str, seed: int) -> dict:
-    """Optuna's fANOVA importances of ``params`` over the scored trials."""
+def _fanova(params: list[str], configs: list[dict], values: np.ndarray, mode: str,
+            seed: int) -> dict | None:
+    """Optuna's fANOVA importances of ``params`` over the scored trials, or None where every tree
+    of its forest has zero variance (Optuna raises then; it happens with very few distinct
+    scores, where each bootstrap sample can draw one score only)."""
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
@@ -102,7 +107,12 @@ def _fanova(params: list[str], configs: list[dict], values: np.ndarray, mode: st
                     for p in params},
             distributions=dists, value=float(v)))
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
-    return dict(optuna.importance.get_param_importances(study, evaluator=evaluator, normalize=True))
+    try:
+        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator, normalize=True))
+    except RuntimeError as e:
+        if "zero total variance" not in str(e):
+            raise
+        return None
 
 
 def _levels(column: list, values: np.ndarray) -> list[dict]:

@@ -181,7 +181,8 @@ def _effects(doc: _Doc, effects: list[dict]) -> None:
               "value, best first, or the Spearman correlation of a numeric parameter with the score. "
               f"With {n} trials these are indications, not measurements.")
         doc.table(["Parameter", "fANOVA importance", "Effect"],
-                  [[x["param"], f"{x['importance']:.2f}", _effect_text(x)] for x in e["effects"]])
+                  [[x["param"], "n/a" if x["importance"] is None else f"{x['importance']:.2f}",
+                    _effect_text(x)] for x in e["effects"]])
 
 
 def _effect_text(x: dict) -> str:
