@@ -62,6 +62,10 @@ class TrainConfig:
     refresh_every: int = 1
     index: str = "auto"
     pseudo_confidence: float = 0.0    # low-label setting: keep a pseudo-label only at this confidence or above
+    # graph prediction at the end of training (issue 25, gloss_ray.graph.predict): validation and test also
+    # scored by propagation over the training corpus and by a blend with the classifier; the graph files saved
+    graph_predict: bool = False
+    graph_transductive: bool = False  # with graph_predict: validation and test documents join the graph
     # optimisation
     epochs: int = 3
     max_steps: int | None = None      # stop after this many optimiser steps in all (None: epochs decide)
@@ -111,6 +115,11 @@ class TrainConfig:
             bad("batch_size", "the global batch (batch_size x workers) must hold at least 2 documents")
         if self.global_k > 0 and self.loss != "gloss":
             bad("global_k", "the global graph feeds G-Loss: use it with --loss gloss")
+        for key in ("graph_predict", "graph_transductive"):
+            if not isinstance(getattr(self, key), bool):
+                bad(key, f"must be true or false, got {getattr(self, key)!r}")
+        if self.graph_transductive and not self.graph_predict:
+            bad("graph_transductive", "is a mode of graph prediction: give --graph-predict too")
         try:
             SigmaStrategy.parse(self.sigma)
         except ValueError as e:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .collect import Results, key_rank
 from .figures import Drawn, bench_label, value_label
-from .stats import METRICS, Summary
+from .stats import GRAPH_METRICS, METRICS, Summary
 
 TITLE = "gloss-ray experiment report"
 PAPER_CITATION = "G-Loss paper (arXiv 2604.25853), Table: G-Loss test accuracy"
@@ -33,6 +33,7 @@ def write(results: Results, summary: Summary, drawn: Drawn, out: Path) -> dict[s
     benches = results.benchmarks
     _intro(doc, results, summary)
     _test_results(doc, summary, benches)
+    _graph_prediction(doc, summary)
     _convergence(doc, summary, drawn, benches)
     _search(doc, results, summary, drawn, benches)
     _embeddings(doc, summary, drawn, benches)
@@ -108,6 +109,24 @@ def _bench_results(doc: _Doc, bench: str, brows: list[dict], diffs: list[dict]) 
               [[d["key"], d["baseline"], d["metric"], d["n_pairs"], _pp(d["mean_diff"]),
                 "n/a" if d["ci_low"] is None else f"[{_pp(d['ci_low'])}, {_pp(d['ci_high'])}]",
                 fmt(d["t_stat"], ".3f"), fmt(d["p_value"], ".4f"), d["note"]] for d in diffs])
+
+
+def _graph_prediction(doc: _Doc, summary: Summary) -> None:
+    """Runs trained with ``graph_predict`` (issue 25): test macro-F1 of the classifier, of propagation over
+    the training corpus and of their blend (alpha, k chosen on validation). No section without such runs."""
+    rows = [r for r in summary.rows if r.get("test_graph_macro_f1_n")]
+    if not rows:
+        return
+    doc.h(2, "Graph prediction")
+    doc.p("Test macro-F1 (%) of the same models scored three ways: the classifier head, label propagation over "
+          "the training corpus's kNN graph (the loss's kernel and sigma), and the blend "
+          "alpha x classifier + (1 - alpha) x graph; alpha and k chosen on validation only (mean over seeds).")
+    doc.table(["Benchmark", "Loss", "n", "Classifier", "Graph", "Blend", "alpha", "k (blend)"],
+              [[bench_label(r["benchmark"]), r["key"], r["test_graph_macro_f1_n"],
+                pct(r.get("test_classifier_macro_f1_mean"), r.get("test_classifier_macro_f1_std")),
+                pct(r["test_graph_macro_f1_mean"], r["test_graph_macro_f1_std"]),
+                pct(r.get("test_blend_macro_f1_mean"), r.get("test_blend_macro_f1_std")),
+                fmt(r.get("graph_blend_alpha_mean")), fmt(r.get("graph_blend_k_mean"), ".1f")] for r in rows])
 
 
 def _convergence(doc: _Doc, summary: Summary, drawn: Drawn, benches: list[str]) -> None:
@@ -224,7 +243,8 @@ def _payload(results: Results, summary: Summary) -> dict:
             "search": summary.search, "run_hours_by_device": dict(summary.run_hours),
             "paper": {"citation": PAPER_CITATION, "test_accuracy_percent": PAPER_ACCURACY},
             "runs": [{"dir": str(r.dir), "key": r.key, **{k: r.m.get(k) for k in (
-                "benchmark", "loss", "seed", "stage", "device", "num_workers", *METRICS)}}
+                "benchmark", "loss", "seed", "stage", "device", "num_workers", *METRICS)},
+                **{k: r.m[k] for k in GRAPH_METRICS if k in r.m}}
                 for r in results.runs],
             "skipped": [{"path": p, "reason": why} for p, why in results.skipped]}
 

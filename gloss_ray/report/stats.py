@@ -20,6 +20,10 @@ from .importance import RUNG_EPOCH, parameter_effects, with_rung_metrics
 METRICS = ("test_accuracy", "test_macro_f1", "best_val_macro_f1", "silhouette", "best_epoch",
            "wall_time_s")
 DIFF_METRICS = ("test_accuracy", "test_macro_f1")
+# graph prediction (issue 25, runs with graph_predict): in a row only when one of its runs has them
+GRAPH_METRICS = ("test_classifier_macro_f1", "test_graph_accuracy", "test_graph_macro_f1", "test_blend_accuracy",
+                 "test_blend_macro_f1", "val_classifier_macro_f1", "val_graph_macro_f1", "val_blend_macro_f1",
+                 "graph_blend_alpha", "graph_blend_k", "graph_k", "graph_predict_s")
 DIFF_FIELDS = ("mean_diff", "ci_low", "ci_high", "p_value", "n_pairs")   # copied into the row
 N_BOOTSTRAP = 10_000
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"    # a run without --model used the packaged default encoder
@@ -104,7 +108,7 @@ def _row(bench: str, key: str, rs: list[Run]) -> dict:
            "encoder": next((cfg[k] for k in ("model", "encoder", "model_name") if cfg.get(k)),
                            DEFAULT_ENCODER if "model" in cfg else None),
            "n_seeds": len(rs), "seeds": [r.m["seed"] for r in rs]}
-    for name in METRICS:
+    for name in METRICS + tuple(g for g in GRAPH_METRICS if any(g in r.m for r in rs)):
         s = describe([r.m.get(name) for r in rs])
         row.update({f"{name}_mean": s["mean"], f"{name}_std": s["std"], f"{name}_n": s["n"]})
     return row

@@ -3,7 +3,12 @@
     metrics.json   test accuracy / macro-F1, silhouette, best epoch, timings, memory, the config
     history.csv    one row per epoch (losses, validation scores, lr, sigma, lam, global-graph figures)
     plots/         training curves and a 2-D map of the test embeddings
-    model/         a transformers classifier + sentence-transformers model + model card
+    model/         a transformers classifier + sentence-transformers model + model card (+ with
+                   ``graph_predict``: graph_predict.safetensors / .json, see :mod:`gloss_ray.graph.predict`)
+
+With ``graph_predict`` (issue 25) validation and test are scored three ways -- classifier, propagation
+over the training corpus, and their blend with alpha and k chosen on validation -- into metrics.json
+(:func:`graph_prediction`).
 """
 from __future__ import annotations
 
@@ -16,9 +21,11 @@ import torch
 
 from .. import distributed as D
 from .. import plots
+from ..losses.sigma import SigmaStrategy
 from ..metrics import silhouette
-from ..model import unwrap
+from ..model import encode, unwrap
 from ..model_card import write_model_card
+from ..schedules import Schedule
 from ..storage import redact, staged_output
 from .session import peak_rss_kib
 
@@ -40,13 +47,15 @@ def finish(cfg, session, model, data, state: dict, device, t_start: float, log, 
         scores, _, test_emb = test(test_ds)
         final.update(test_accuracy=scores["accuracy"], test_macro_f1=scores["macro_f1"])
         final["silhouette"] = silhouette(test_emb, test_labels, seed=cfg.seed) if rank == 0 else None
+    graph, graph_scores = graph_prediction(cfg, model, data, state, device, log)
+    final.update(graph_scores)
     # each worker's peak resident memory (ru_maxrss: KiB on Linux), in rank order
     final["peak_rss_mb_per_worker"] = [r / 1024 for r in D.gather_objects(peak_rss_kib())]
     final["train_wall_time_s"] = state["elapsed_s"]
     final["wall_time_s"] = time.time() - t_start
     if rank == 0:
         write_outputs(cfg, session.run_dir, final, state["history"], model, data.tokenizer, data.corpus.label_names,
-                      test_emb, test_labels)
+                      test_emb, test_labels, graph)
         log(f"[gloss-ray] done: test acc {final.get('test_accuracy', float('nan')):.4f} macro-F1 "
             f"{final.get('test_macro_f1', float('nan')):.4f} (best epoch {state['best_epoch']}); outputs in {redact(session.run_dir)}")
     D.barrier()
@@ -68,7 +77,8 @@ def chance_note(metrics: dict) -> str | None:
             f"rates than the defaults, e.g. {SHORT_RUN_SETTINGS}")
 
 
-def write_outputs(cfg, run_dir, final, history, model, tokenizer, label_names, test_emb, test_labels) -> None:
+def write_outputs(cfg, run_dir, final, history, model, tokenizer, label_names, test_emb, test_labels,
+                  graph=None) -> None:
     final = redact({**final, "config": cfg.to_dict(), "stage": cfg.extra.get("stage", "final")})  # no credentials
     with staged_output(run_dir) as out:
         (out / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
@@ -85,4 +95,63 @@ def write_outputs(cfg, run_dir, final, history, model, tokenizer, label_names, t
         unwrap(model).save_pretrained(out / "model", tokenizer, label_names,
                                       {"best_epoch": final["best_epoch"], "loss": cfg.loss, "benchmark": final["benchmark"]},
                                       max_length=cfg.max_length)
+        if graph is not None:                # beside the model, read by gloss_ray.graph.predict.load_graph_predictor
+            graph.save(out / "model")
         write_model_card(out / "model", cfg, final, label_names)
+
+
+# ---------------------------------------------------------------------------------------------- graph prediction
+def prediction_sigma(cfg, calibrated: float | None, train_emb: np.ndarray, train_labels: np.ndarray,
+                     seed: int) -> tuple[float, str]:
+    """The kernel width graph prediction uses, and where it came from: G-Loss's own sigma where the run
+    had one for the whole run (a fixed value, or the ``root`` / ``dicm`` value calibrated before training),
+    times the sigma schedule's multiplier at the end of training; otherwise (the ``batch`` strategies,
+    other losses) the same heuristic on 1024 of the final training embeddings (``root`` unless
+    ``batch-dicm``), as the loss would compute it on a batch."""
+    strategy = SigmaStrategy.parse(cfg.sigma) if cfg.loss == "gloss" else SigmaStrategy("batch")
+    scale = Schedule.parse(cfg.sigma_schedule, default_value=1.0)(1.0) if cfg.loss == "gloss" else 1.0
+    base = strategy.value if strategy.kind == "fixed" else calibrated if strategy.kind in ("root", "dicm") else None
+    if base is not None:
+        return float(base) * scale, f"G-Loss's ({strategy.kind})" + (f" x schedule end {scale:g}" if scale != 1 else "")
+    rows = np.sort(np.random.default_rng(seed).permutation(len(train_emb))[:1024])
+    heuristic = SigmaStrategy(strategy.batch_heuristic)
+    sigma = heuristic.initial(torch.as_tensor(train_emb[rows]).double(), torch.as_tensor(train_labels[rows]))
+    return float(sigma) * scale, f"{strategy.batch_heuristic} of {len(rows)} final training embeddings"
+
+
+def graph_prediction(cfg, model, data, state: dict, device, log):
+    """With ``cfg.graph_predict``: encode the training documents (those with known labels) and every
+    evaluation split with the final (best) weights -- each rank its shard, gathered as :func:`evaluate`
+    does -- then, on rank 0, score the splits by classifier, graph and blend
+    (:func:`gloss_ray.graph.predict.score_splits`: alpha and k chosen on validation only). Returns
+    ``(GraphPredictor to save, metrics)`` on rank 0, ``(None, {})`` elsewhere and when off."""
+    if not getattr(cfg, "graph_predict", False):
+        return None, {}
+    from ..graph.predict import GraphPredictor, SplitOutputs, score_splits
+
+    rank, world = D.rank_and_world()
+    t0 = time.perf_counter()
+
+    def outputs(ds):
+        logits, emb = encode(model, data.loader_for(ds, D.shard_indices(len(ds), world, rank)), device)
+        parts = D.gather_objects((logits.numpy(), emb.numpy()))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    train_emb = outputs(data.train)[1]
+    splits = {name: SplitOutputs(*outputs(ds), np.asarray(ds["label"])) for name, ds in data.eval_sets.items()}
+    encode_s = time.perf_counter() - t0
+    if rank != 0:
+        return None, {}
+    train_labels = np.asarray(data.train_labels)
+    sigma, source = prediction_sigma(cfg, state.get("sigma"), train_emb, train_labels, cfg.seed)
+    graph = GraphPredictor(train_emb, train_labels, data.corpus.num_classes, sigma,
+                           transductive=cfg.graph_transductive)
+    scores = score_splits(graph, splits)
+    scores.update(graph_predict=True, graph_sigma_source=source, graph_encode_s=encode_s)
+    parts = [f"{s} {how} {scores[f'{p}_{how}_macro_f1']:.4f}" for s, p in (("val", "val"), ("test", "test"))
+             for how in ("classifier", "graph", "blend") if f"{p}_{how}_macro_f1" in scores]
+    log(f"[gloss-ray] graph prediction ({'transductive' if graph.transductive else 'inductive'}, "
+        f"{len(train_labels)} training docs, sigma {sigma:.4f} from {source}): graph k {graph.graph_k}, blend "
+        f"alpha {graph.alpha:g} k {graph.k} (chosen on validation); macro-F1 " + ", ".join(parts)
+        + f" [{encode_s:.1f}s encode, {scores['graph_predict_s']:.1f}s graph]")
+    return graph, scores
