@@ -29,6 +29,7 @@ from .options import (BENCHMARKS, CLASS_WEIGHTS, DEFAULT_MARGIN, LOSSES, MASKS, 
                       SIGMA_STRATEGIES, VARIANTS)
 from .errors import GlossRayError
 from .storage import redact
+from .sweep.algorithms import SCHEDULERS, SEARCH_ALGS
 
 _SCHEDULE_FORMS = (f"{' | '.join(SCHEDULE_KINDS)} (a kind ramps from 10%% of the value to the value over "
                    "training; step halves it at 50%% and 75%%), a number (constant), or a YAML mapping such as "
@@ -221,11 +222,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", default="tune_spaces/default.yaml", metavar="YAML",
                    help="search-space file (YAML, schema in gloss_ray/sweep/spaces.py; see tune_spaces/) "
                         "(default: %(default)s)")
-    p.add_argument("--samples", type=int, default=8,
-                   help="trials per benchmark x loss (default: %(default)s; a search that is more than random "
-                        "sampling needs 16 or more)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="trials per benchmark x loss (default: 8; a search that is more than random sampling "
+                        "needs 16 or more; not with --search-alg grid, whose trials are the grid's combinations; "
+                        "with --scheduler pbt: the population size)")
     p.add_argument("--grace-epochs", type=int, default=1,
-                   help="ASHA early stopping: epochs a trial runs before it may be stopped (default: %(default)s)")
+                   help="epochs a trial runs before the scheduler may act on it: ASHA and BOHB's HyperBand stop "
+                        "trials no earlier; PBT perturbs the trials every this many epochs; not used by fifo "
+                        "(default: %(default)s)")
+    p.add_argument("--search-alg", choices=SEARCH_ALGS, default=None,
+                   help="Ray Tune search algorithm that picks each trial's values from the space: optuna (Optuna's "
+                        "TPE sampler); hyperopt (HyperOpt's TPE; needs pip install hyperopt); random (independent "
+                        "random samples); grid (every combination of the space's {choice: [...]} values, each run "
+                        "once; refuses continuous ranges); bohb (BOHB; needs pip install hpbandster ConfigSpace, and "
+                        "takes --scheduler bohb). Each is seeded per benchmark x loss from the base seed "
+                        "(default: optuna)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=None,
+                   help="Ray Tune trial scheduler, acting once per epoch on the space's metric: asha (stops the "
+                        "worse trials early, keeping the best 1/4 at each rung after --grace-epochs); fifo (every "
+                        "trial runs all its epochs); pbt (population-based training: every --grace-epochs epochs "
+                        "the worst quarter of the trials continue from a best trial's checkpoint with mutated "
+                        "lam, lam/sigma/k schedules, gamma, k, temperature, margin or global_weight; takes "
+                        "--search-alg random or grid; refused for now: Train cannot yet start a run from another "
+                        "trial's checkpoint); bohb (BOHB's HyperBand, only with --search-alg bohb) "
+                        "(default: asha; bohb with --search-alg bohb)")
 
     p = sub.add_parser("bench", help="fixed configurations x seeds, no search (e.g. to reproduce the paper's table)")
     _add_sweep_options(p)
@@ -254,8 +274,9 @@ def _add_sweep_options(p):
                    help="seeds 0..N-1: runs per configuration (tune: of the best one) (default: %(default)s)")
     p.add_argument("--storage", default="runs",
                    help=f"where the sweep is written, <storage>/<name>/: a folder or s3:// / gs:// URI "
-                        f"({_PATHS}); on s3:// / gs:// no report is written: run jobs/report.py on the sweep's "
-                        "URI, or copy it down and run gloss-ray report (default: %(default)s)")
+                        f"({_PATHS}); the report goes to <storage>/<name>/report/ either way (on s3:// / gs:// "
+                        "built in a temporary folder from the sweep's result files, then uploaded) "
+                        "(default: %(default)s)")
     p.add_argument("--name", default=None,
                    help="sweep name, its folder under --storage; re-use it to resume an interrupted sweep "
                         "(default: sweep-<timestamp>)")

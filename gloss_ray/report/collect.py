@@ -207,6 +207,7 @@ def unfinished_search_trials(exp_dir: Path) -> list[dict]:
 
     bench, _, loss = exp_dir.name.partition("__")
     source = str(exp_dir / "trials.json")      # where the finished search will write them
+    method = _search_meta(exp_dir)
     out = []
     for params in sorted(exp_dir.glob("*/params.json")):
         folder = params.parent
@@ -220,9 +221,35 @@ def unfinished_search_trials(exp_dir: Path) -> list[dict]:
                     "best_val_macro_f1": max(f1) if f1 else None,
                     "iterations": max((int(r.get("epoch", 0)) for r in rows), default=0),
                     "time_s": num(rows[-1].get("time_total_s")) if rows else None,
-                    "metric": "val_macro_f1", "mode": "max", "best_metric": max(f1) if f1 else None})
+                    "metric": "val_macro_f1", "mode": "max", "best_metric": max(f1) if f1 else None,
+                    "search_alg": method.get("search_alg"), "scheduler": method.get("scheduler")})
     longest = max((t["iterations"] for t in out), default=0)
     for t in out:
         if t["status"] == "ENDED":
             t["status"] = "TERMINATED" if t["iterations"] >= longest else "STOPPED_EARLY"
     return out
+
+
+def _search_meta(exp_dir: Path) -> dict:
+    """A search folder's ``search.json`` (its search algorithm and scheduler), {} when absent or unreadable."""
+    try:
+        meta = json.loads((exp_dir / "search.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+NOT_RECORDED = "not recorded"
+
+
+def search_methods(trials: list[dict]) -> list[dict]:
+    """The search algorithm and scheduler of each benchmark x loss search, from its trial records
+    (``search_alg`` / ``scheduler``; "not recorded" for records written before they were, and
+    the names joined by ", " when the records of one search disagree)."""
+    groups: dict[tuple, dict] = defaultdict(lambda: {"search_alg": set(), "scheduler": set()})
+    for t in trials:
+        g = groups[(t["benchmark"], t["loss"])]
+        for k in ("search_alg", "scheduler"):
+            g[k].add(str(t.get(k) or NOT_RECORDED))
+    return [{"benchmark": b, "loss": loss, **{k: ", ".join(sorted(v)) for k, v in g.items()}}
+            for (b, loss), g in sorted(groups.items(), key=lambda kv: (bench_rank(kv[0][0]), key_rank(kv[0][1])))]

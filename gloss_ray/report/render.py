@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .collect import Results, key_rank
+from .collect import Results, key_rank, search_methods
 from .figures import Drawn, bench_label, value_label
 from .stats import GRAPH_METRICS, METRICS, Summary
 
@@ -151,12 +151,20 @@ def _search(doc: _Doc, results: Results, summary: Summary, drawn: Drawn, benches
     if not results.trials:
         doc.p("No trials.json found.")
         return
+    _methods(doc, search_methods(results.trials))
     _search_tables(doc, summary)
     doc.h(3, "Hyper-parameter effects")
     for bench in benches:
         if bench in drawn.search:
             doc.img(drawn.search[bench], f"{bench_label(bench)}: hyper-parameters vs best "
                                          "validation macro-F1 (errored trials excluded)")
+
+
+def _methods(doc: _Doc, methods: list[dict]) -> None:
+    """Which Ray Tune search algorithm and trial scheduler each search used (``gloss-ray tune
+    --search-alg / --scheduler``; "none": a space of constants, one trial)."""
+    doc.table(["Benchmark", "Loss", "Search algorithm", "Scheduler"],
+              [[m["benchmark"], m["loss"], m["search_alg"], m["scheduler"]] for m in methods])
 
 
 def _search_tables(doc: _Doc, summary: Summary) -> None:
@@ -240,7 +248,8 @@ def _payload(results: Results, summary: Summary) -> dict:
     """Everything in results.json."""
     return {"results_dir": str(results.dir), "std_ddof": 1, "results": summary.rows,
             "differences": summary.diffs, "convergence": summary.convergence,
-            "search": summary.search, "run_hours_by_device": dict(summary.run_hours),
+            "search": {**summary.search, "methods": search_methods(results.trials)},
+            "run_hours_by_device": dict(summary.run_hours),
             "paper": {"citation": PAPER_CITATION, "test_accuracy_percent": PAPER_ACCURACY},
             "runs": [{"dir": str(r.dir), "key": r.key, **{k: r.m.get(k) for k in (
                 "benchmark", "loss", "seed", "stage", "device", "num_workers", *METRICS)},

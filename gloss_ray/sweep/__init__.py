@@ -1,7 +1,8 @@
 """Sweeps over benchmarks x losses: ``gloss-ray tune`` and ``gloss-ray bench`` (:func:`main`).
 
-``tune``: for every benchmark x loss, a Ray Tune search (Optuna sampler, ASHA early stopping, on the
-space file's ``metric``/``mode``; one Ray Train run per trial), then the best configuration
+``tune``: for every benchmark x loss, a Ray Tune search (``--search-alg``, default Optuna;
+``--scheduler``, default ASHA early stopping: :mod:`~gloss_ray.sweep.algorithms`; on the space
+file's ``metric``/``mode``; one Ray Train run per trial), then the best configuration
 retrained with seeds ``0..S-1`` (stage ``final``), then the report. ``bench``: the base
 configuration for every benchmark x loss x seed (stage ``bench``), then the report. The base
 configuration is ``--config`` YAML < ``--workers``/``--gpu`` < ``--set KEY=VALUE`` (VALUE is YAML).
@@ -13,10 +14,12 @@ trials give their Train resources back).
 
 A sweep folder ``<storage>/<name>`` (default name ``sweep-<timestamp>``) holds::
 
-    search/<benchmark>__<loss>/                 the Tune experiment (restorable) and trials.json
-    search/<benchmark>__<loss>/<trial_id>/run/  that trial's Ray Train run (stage "trial")
+    search/<benchmark>__<loss>/                 the Tune experiment (restorable), search.json (search
+                                                algorithm, scheduler) and trials.json
+    search/<benchmark>__<loss>/<trial_id>/run/  that trial's Ray Train run (stage "trial"; PBT: also run-1, ...)
     runs/<benchmark>/<loss>/seed<k>/            final / bench runs (metrics.json, history.csv, model)
     report/                                     report.md, report.html, results.csv, results.json
+                                                (on s3:// / gs://: built in a temporary folder, uploaded)
 
 Runs at a time (``max_concurrent_trials`` too): ``--concurrency``, else the cluster's GPUs or CPUs
 divided by what one run takes.
@@ -47,7 +50,8 @@ def _searches(plan: Plan, concurrency: int) -> tuple[list, list[str]]:
         for (b, loss), base in plan.bases.items():
             _, best = run_search(plan.sweep_dir, b, loss, base, plan.space, registry=registry,
                                  samples=plan.options.samples, grace_epochs=plan.options.grace_epochs,
-                                 concurrency=concurrency, keep_checkpoints=plan.options.keep_checkpoints)
+                                 concurrency=concurrency, keep_checkpoints=plan.options.keep_checkpoints,
+                                 search_alg=plan.search_alg, scheduler=plan.scheduler)
             if best is None:
                 log(f"final {b} x {loss}: skipped (no successful trial)")
                 missing.append(f"{b} x {loss}")
@@ -56,19 +60,64 @@ def _searches(plan: Plan, concurrency: int) -> tuple[list, list[str]]:
     return jobs, missing
 
 
+REPORT_INPUTS = ("metrics.json", "history.csv", "trials.json")   # what the report reads, besides plots/*.png
+
+
+def _fetch_results(uri: str, local) -> int:
+    """Copy the files the report reads from the sweep at ``uri`` (s3:// / gs://) into the local
+    folder ``local``: every metrics.json, history.csv and trials.json and the runs' plots/*.png,
+    nothing inside a checkpoint or model folder. Returns how many."""
+    import pyarrow.fs as pafs
+
+    from ..storage import filesystem
+
+    fs, root = filesystem(uri)
+    root, n = root.rstrip("/"), 0
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        parts = info.path[len(root):].lstrip("/").split("/")
+        wanted = parts[-1] in REPORT_INPUTS or (len(parts) > 1 and parts[-2] == "plots" and parts[-1].endswith(".png"))
+        if info.type != pafs.FileType.File or not wanted or any(p.startswith("checkpoint_") or p == "model"
+                                                                  for p in parts[:-1]):
+            continue
+        dest = local.joinpath(*parts)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(info.path) as src:
+            dest.write_bytes(src.read())
+        n += 1
+    return n
+
+
 def _report(sweep_dir: str) -> None:
+    """Write the sweep's report into ``<sweep_dir>/report``. On object storage it is built in a
+    temporary folder from a copy of the result files (:func:`_fetch_results`), the temporary
+    paths in it replaced by the sweep's URI, and uploaded."""
+    import tempfile
     from pathlib import Path
 
     from ..report import build_report
-    from ..storage import is_uri
+    from ..storage import is_uri, join, redact, upload_dir
 
-    if is_uri(sweep_dir):
-        log(f"report: copy {sweep_dir} to a local folder and run: gloss-ray report FOLDER")
-    elif next(Path(sweep_dir).glob("runs/**/metrics.json"), None) is None:
-        log("report: no finished runs to report")
-    else:
-        paths = build_report(sweep_dir)
-        log(f"report: {paths['report.md']} (also report.html, results.csv, results.json)")
+    if not is_uri(sweep_dir):
+        if next(Path(sweep_dir).glob("runs/**/metrics.json"), None) is None:
+            log("report: no finished runs to report")
+        else:
+            paths = build_report(sweep_dir)
+            log(f"report: {paths['report.md']} (also report.html, results.csv, results.json)")
+        return
+    dest = join(sweep_dir, "report")
+    with tempfile.TemporaryDirectory(prefix="gloss_ray_report_") as tmp:
+        local, out = Path(tmp) / "sweep", Path(tmp) / "report"
+        _fetch_results(sweep_dir, local)
+        if next(local.glob("runs/**/metrics.json"), None) is None:
+            log("report: no finished runs to report")
+            return
+        paths = build_report(local, out)
+        for path in paths.values():            # results.json, report.md ... name the sweep, not the copy
+            if path.suffix in (".md", ".html", ".json", ".csv"):
+                path.write_text(path.read_text(encoding="utf-8").replace(str(local), redact(sweep_dir)),
+                                encoding="utf-8")
+        upload_dir(out, dest)
+    log(f"report: {redact(join(dest, 'report.md'))} (also report.html, results.csv, results.json), uploaded")
 
 
 def main(opts: SweepOptions) -> int:

@@ -6,6 +6,7 @@ Every problem here is a :class:`~gloss_ray.errors.ConfigError` (one line, exit s
 before Ray starts or anything is written."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass
@@ -16,10 +17,12 @@ from ..config import TrainConfig
 from ..errors import ConfigError
 from ..options import dense_to_none, load_yaml
 from ..storage import absolute, join, redact
+from . import algorithms
 from .spaces import Space, load_space
 
 PREFIX = "[gloss-ray]"
 GLOBAL_K_DEFAULT = 16      # global_k of a LOSS+global spec when the options set none
+DEFAULT_SAMPLES = 8        # --samples when not given (not used by --search-alg grid)
 REPORTED = ("val_macro_f1", "val_accuracy", "train_loss", "train_ce", "train_aux")  # metrics a space may name
 _SPEC = re.compile(r"^(?P<loss>[a-z_]+)(?P<glob>\+global)?(?:@(?P<frac>[0-9.]+))?$")
 
@@ -37,7 +40,8 @@ def last_line(err) -> str:
 @dataclass(frozen=True)
 class SweepOptions:
     """What ``gloss-ray tune`` / ``gloss-ray bench`` was asked for; the CLI fills it from its flags
-    (same names, defaults there). ``space``, ``samples`` and ``grace_epochs`` are for ``tune``."""
+    (same names, defaults there). ``space``, ``samples``, ``grace_epochs``, ``search_alg`` and
+    ``scheduler`` are for ``tune`` (None: the default; :mod:`gloss_ray.sweep.algorithms`)."""
     command: str                  # "tune": search, then final runs; "bench": the base configs as they are
     benchmarks: str               # comma-separated
     losses: str                   # comma-separated loss specs, LOSS[+global][@FRACTION]
@@ -53,6 +57,8 @@ class SweepOptions:
     space: str | None = None
     samples: int | None = None
     grace_epochs: int | None = None
+    search_alg: str | None = None   # optuna (default), hyperopt, random, grid, bohb
+    scheduler: str | None = None    # asha (default; bohb with --search-alg bohb), fifo, pbt, bohb
 
 
 # --------------------------------------------------------------------------- parsing
@@ -148,6 +154,8 @@ class Plan:
     space: Space | None
     name: str
     sweep_dir: str
+    search_alg: str = algorithms.DEFAULT_SEARCH_ALG
+    scheduler: str = algorithms.DEFAULT_SCHEDULER
 
     @property
     def stage(self) -> str:
@@ -164,9 +172,20 @@ class Plan:
                 for k in range(self.options.seeds)]
 
 
-def _search_space(opts: SweepOptions, bases: dict) -> Space:
-    """tune: the space file, checked against every benchmark x loss of the sweep."""
-    if (opts.samples or 0) < 1 or (opts.grace_epochs or 0) < 1:
+def _samples(opts: SweepOptions, search_alg: str) -> int:
+    """``--samples``, else :data:`DEFAULT_SAMPLES`; a grid search takes none (it runs each combination once)."""
+    if search_alg == "grid":
+        if opts.samples is not None:
+            raise ConfigError("--samples: not used by --search-alg grid, which runs every combination of the "
+                              "space's choice values once; leave it out")
+        return 1
+    return DEFAULT_SAMPLES if opts.samples is None else opts.samples
+
+
+def _search_space(opts: SweepOptions, bases: dict, search_alg: str, scheduler: str) -> Space:
+    """tune: the space file, checked against every benchmark x loss of the sweep and the search
+    algorithm and scheduler."""
+    if _samples(opts, search_alg) < 1 or (opts.grace_epochs or 0) < 1:
         raise ConfigError("--samples and --grace-epochs must be >= 1")
     space = load_space(opts.space)
     if space.metric not in REPORTED:
@@ -176,7 +195,8 @@ def _search_space(opts: SweepOptions, bases: dict) -> Space:
         if parse_loss_spec(spec)[1:] != (False, None):
             raise ConfigError(f"--losses: {spec!r}: +global and @FRACTION are for gloss-ray bench; in a "
                               "search put global_k / label_fraction in --set or the space file")
-        space.for_run(b, spec)                  # unknown benchmark, or loss not in the space
+        algorithms.check_space(search_alg, scheduler, space.for_run(b, spec),   # unknown benchmark, loss not in
+                               f"{opts.space} for {b} x {spec}")                  # the space, or no fit
     return space
 
 
@@ -186,7 +206,17 @@ def make_plan(opts: SweepOptions) -> Plan:
     benchmarks, losses = split_list(opts.benchmarks), split_list(opts.losses)
     if opts.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {opts.seeds}")
+    if opts.command != "tune" and (opts.search_alg or opts.scheduler):
+        raise ConfigError("--search-alg / --scheduler: for gloss-ray tune only")
+    alg, sched = algorithms.resolve(opts.search_alg, opts.scheduler) if opts.command == "tune" else (None, None)
     bases = base_configs(opts, benchmarks, losses)
-    space = _search_space(opts, bases) if opts.command == "tune" else None
+    space = None
+    if opts.command == "tune":
+        space = _search_space(opts, bases, alg, sched)
+        opts = dataclasses.replace(opts, samples=_samples(opts, alg))
     name = opts.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Plan(opts, benchmarks, losses, bases, space, name, join(absolute(opts.storage), name))
+    sweep_dir = join(absolute(opts.storage), name)
+    for b, spec in bases if space is not None else ():     # an interrupted search resumes with its own choice
+        algorithms.check_resume(join(sweep_dir, "search", f"{b}__{spec}"), alg, sched)
+    return Plan(opts, benchmarks, losses, bases, space, name, sweep_dir,
+                *((alg, sched) if space is not None else ()))

@@ -72,7 +72,12 @@ class RunRegistry:
         threading.Thread(target=self._watch, args=(interval_s,), daemon=True).start()
 
     def register(self, trial_id: str, controller, pg) -> None:
+        """Register a trial's run; a run registered before for the same trial (a PBT trial's
+        earlier Train run, whose controller went with the trial actor) stays watched under
+        another key until its group is freed."""
         with self._lock:
+            if trial_id in self._runs and self._runs[trial_id][1] != pg:
+                self._runs[f"{trial_id}#{self.counts['registered']}"] = self._runs[trial_id]
             self._runs[trial_id] = (controller, pg)
             self.counts["registered"] += 1
 

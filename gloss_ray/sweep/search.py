@@ -1,5 +1,6 @@
-"""One benchmark x loss Ray Tune search (:func:`run_search`): Optuna samples the space, ASHA stops
-trials per epoch on the space's ``metric``/``mode``, and each trial is one Ray Train run.
+"""One benchmark x loss Ray Tune search (:func:`run_search`): a search algorithm samples the space
+(Optuna by default), a scheduler acts per epoch on the space's ``metric``/``mode`` (ASHA by default:
+it stops trials), and each trial is one Ray Train run. The choices: :mod:`gloss_ray.sweep.algorithms`.
 
 Train V2 + Tune: a trial is a function (:func:`_trial`) that runs its own ``TorchTrainer`` through
 :func:`gloss_ray.train.launch.fit` with Tune's ``TuneReportCallback``, which forwards each epoch's
@@ -9,21 +10,33 @@ bounds how many run at once. A stopped trial's Train run is aborted by
 :mod:`gloss_ray.sweep.ray_cleanup` so that its resources come back.
 
 The search lives in ``<sweep>/search/<benchmark>__<loss>/`` (restorable with ``Tuner.restore``);
-its ``trials.json`` marks it done."""
+its ``trials.json`` marks it done, its ``search.json`` names the search algorithm and scheduler.
+
+PBT (``--scheduler pbt``) needs trials that Tune can checkpoint and restart from another trial's
+checkpoint with a new configuration: :func:`_pbt_trial` reports each epoch to Tune itself, with a
+copy of the Train run's checkpoint as the Tune checkpoint, and a trial restarted from one starts a
+new Train run (``<trial>/run-<n>``) started from it -- which needs
+``gloss_ray.train.launch.fit(start_checkpoint=...)`` (:func:`gloss_ray.sweep.algorithms.pbt_supported`)."""
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import tempfile
+import threading
 
+import pyarrow.fs as pafs
+from ray.train import UserCallback
 from ray.tune import Callback
 
-from ..storage import exists, join, read_json, remove_checkpoints, write_json
+from ..storage import exists, filesystem, join, read_json, remove_checkpoints, write_json
+from . import algorithms
+from .algorithms import ASHA_REDUCTION  # noqa: F401  (defined here before the choice of scheduler)
 from .plan import last_line, log, run_config
 from .ray_cleanup import StopTrainRuns, register_run, released
-from .spaces import Dist, Space, decode_params, to_tune
+from .spaces import Dist, Space, decode_params
 from .trials import best_trial
 
-ASHA_REDUCTION = 4   # ASHA keeps the best 1/4 of the trials at each rung (Ray's default)
 # The trial function only drives its Train run, whose workers reserve their own CPUs/GPUs. Tune
 # needs a non-empty resource bundle, hence a 1-byte (logical) memory placeholder instead of CPU.
 TRIAL_RESOURCES = {"CPU": 0, "memory": 1}
@@ -32,7 +45,7 @@ ENDED = "trial_ended.json"   # written into a trial's folder when Tune ends it (
 
 
 def search_seed(seed: int, benchmark: str, loss: str) -> int:
-    """The Optuna sampler's seed of one search: stable across processes and machines (SHA-256, not
+    """The search algorithm's seed of one search: stable across processes and machines (SHA-256, not
     Python's salted ``hash``) and different for each benchmark x loss, so searches differ."""
     digest = hashlib.sha256(f"{seed}/{benchmark}/{loss}".encode()).digest()
     return int.from_bytes(digest[:4], "big")          # numpy's RandomState takes < 2**32
@@ -54,6 +67,75 @@ def _trial(config: dict, base: dict, registry: str, exp_dir: str) -> None:
     fit(cfg, callbacks=[TuneReportCallback(), register_run(registry, trial_id)])
 
 
+class _ForwardReports(UserCallback):
+    """Train callback (in the Train controller) of a PBT trial: hands each epoch's metrics and
+    checkpoint to the trial function (:func:`_pbt_trial`), which reports them to Tune. The queue
+    holds one item, so the run waits until the trial has taken the epoch (as Tune's
+    ``TuneReportCallback`` does)."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put((dict(metrics[0]), checkpoint))
+
+
+def _fit_from(cfg, checkpoint, callbacks: list) -> dict:
+    """``fit`` of a PBT trial's run, started from ``checkpoint`` (None: from scratch, or its own
+    checkpoints). Ray Train V2 refuses ``resume_from_checkpoint``, so ``fit`` must take the start
+    checkpoint itself (``start_checkpoint``); :func:`gloss_ray.sweep.algorithms.pbt_supported`."""
+    from ..train.launch import fit
+
+    if checkpoint is None:
+        return fit(cfg, callbacks=callbacks)
+    return fit(cfg, callbacks=callbacks, start_checkpoint=checkpoint)
+
+
+def run_folders(trial_path: str) -> list[str]:
+    """A trial's Train run folders, oldest first: ``run``, then (PBT) ``run-1``, ``run-2``, ..."""
+    fs, path = filesystem(trial_path)
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+             if i.type == pafs.FileType.Directory and re.fullmatch(r"run(-\d+)?", i.base_name)]
+    return sorted(names, key=lambda n: int(n[4:] or 0) if n != "run" else -1)
+
+
+def _pbt_trial(config: dict, base: dict, registry: str, exp_dir: str) -> None:
+    """One PBT trial: a Train run as :func:`_trial`'s, whose epochs this function reports to Tune
+    itself, each with a copy of the run's checkpoint as the Tune checkpoint (what PBT clones). A
+    trial that Tune (re)starts from a checkpoint -- another trial's, with a mutated ``config``, or
+    its own after an interruption -- runs a new Train run ``run-<n>`` resumed from it."""
+    from ray import tune
+    from ray.train import Checkpoint
+    from ray.util.queue import Queue
+
+    trial_id = tune.get_context().get_trial_id()
+    trial_dir = join(exp_dir, trial_id)
+    start = tune.get_checkpoint()
+    name = "run" if start is None else f"run-{len(run_folders(trial_dir))}"
+    cfg = run_config(base, decode_params(config), base["seed"], trial_dir, name, "trial", trial_id=trial_id)
+    queue, outcome = Queue(maxsize=1, actor_options={"num_cpus": 0}), {}
+
+    def run():
+        try:
+            _fit_from(cfg, start, [_ForwardReports(queue), register_run(registry, trial_id)])
+        except BaseException as e:  # noqa: BLE001 - raised again in the trial's thread below
+            outcome["error"] = e
+        finally:
+            queue.put(None)
+
+    threading.Thread(target=run, name="gloss-ray-pbt-run", daemon=True).start()
+    while (item := queue.get()) is not None:
+        metrics, checkpoint = item
+        if checkpoint is None:
+            tune.report(metrics)
+            continue
+        with tempfile.TemporaryDirectory(prefix="gloss_ray_pbt_") as tmp:
+            checkpoint.to_directory(tmp)
+            tune.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+    if "error" in outcome:
+        raise outcome["error"]
+
+
 def _trial_dirname(trial) -> str:
     return trial.trial_id
 
@@ -63,7 +145,8 @@ def trial_status(errored: bool, last_epoch: int, trial_path: str, epochs: int) -
     ``epochs``, or fewer when the run's own patience ended it (``epochs_run`` in its metrics.json)."""
     if errored:
         return "ERROR"
-    metrics = join(trial_path, "run", "metrics.json")
+    runs = run_folders(trial_path) if trial_path else []
+    metrics = join(trial_path, runs[-1] if runs else "run", "metrics.json")
     try:
         epochs = int(read_json(metrics).get("epochs_run", epochs)) if exists(metrics) else epochs
     except (OSError, ValueError):
@@ -102,10 +185,12 @@ class _SearchCallback(Callback):
 
 # --------------------------------------------------------------------------- results
 def trial_records(results, benchmark: str, loss: str, epochs: int, metric: str, mode: str, device: str,
-                  workers: int) -> list[dict]:
+                  workers: int, method: dict | None = None) -> list[dict]:
     """trials.json records of a Tune ResultGrid (schema: :func:`gloss_ray.report.collect.load_trials`),
     plus the search's objective: ``metric``, ``mode`` and ``best_metric`` (the trial's best epoch on the
-    space's metric), from which :func:`gloss_ray.sweep.trials.best_trial` picks the best trial."""
+    space's metric), from which :func:`gloss_ray.sweep.trials.best_trial` picks the best trial, and
+    the search's ``search_alg`` and ``scheduler`` (``method``: its search.json)."""
+    method = method or {}
     def best(df, col, how):
         v = df[col].dropna() if df is not None and col in df else []
         return float(v.max() if how == "max" else v.min()) if len(v) else None
@@ -122,12 +207,13 @@ def trial_records(results, benchmark: str, loss: str, epochs: int, metric: str, 
             "config": config, "best_val_macro_f1": best(df, "val_macro_f1", "max"), "iterations": last_epoch,
             "time_s": float(time_s) if time_s is not None else None, "device": device, "num_workers": workers,
             "error": last_line(r.error) if r.error is not None else None,
-            "metric": metric, "mode": mode, "best_metric": best(df, metric, mode)})
+            "metric": metric, "mode": mode, "best_metric": best(df, metric, mode),
+            "search_alg": method.get("search_alg"), "scheduler": method.get("scheduler")})
     return sorted(records, key=lambda t: t["trial_id"])
 
 
 def _max_epochs(spec: dict, base_epochs: int) -> int:
-    """ASHA's max_t: the most epochs a trial of this space runs."""
+    """ASHA's (and HyperBand's) max_t: the most epochs a trial of this space runs."""
     e = spec.get("epochs", base_epochs)
     if isinstance(e, Dist):
         return int(max(e.args) if e.kind == "choice" else e.args[1] - 1)
@@ -150,9 +236,12 @@ def _summary(label: str, records: list[dict], trials_file: str, space: Space) ->
 
 
 def _remove_trial_checkpoints(label: str, results) -> None:
-    """Every trial has ended: nothing will resume them (models stay with the final runs)."""
+    """Every trial has ended: nothing will resume them (models stay with the final runs). Train's
+    checkpoints of every run folder, and the Tune checkpoints of PBT trials."""
     try:
-        removed = sum(remove_checkpoints(join(r.path, "run")) for r in results if r.path)
+        removed = sum(remove_checkpoints(join(r.path, run)) for r in results if r.path
+                      for run in run_folders(r.path))
+        removed += sum(remove_checkpoints(r.path) for r in results if r.path)
         log(f"search {label}: removed {removed} trial checkpoint folder(s) (--keep-checkpoints keeps them)")
     except OSError as e:
         log(f"search {label}: could not remove trial checkpoints: {last_line(e)}")
@@ -160,40 +249,48 @@ def _remove_trial_checkpoints(label: str, results) -> None:
 
 # --------------------------------------------------------------------------- the search
 def _tuner(search_dir: str, name: str, label: str, trainable, spec: dict, space: Space, *, seed: int | None,
-           samples: int, epochs: int, grace_epochs: int, concurrency: int, callbacks: list):
-    """A new Tuner for the search ``<search_dir>/<name>`` (Optuna with ``seed``; none when ``seed``
-    is None: a space of constants), or the interrupted one restored from there."""
+           samples: int, trials: int, epochs: int, grace_epochs: int, concurrency: int, callbacks: list,
+           search_alg: str, scheduler: str):
+    """A new Tuner for the search ``<search_dir>/<name>`` (``search_alg`` seeded with ``seed``, none
+    when ``seed`` is None: a space of constants; ``scheduler``), or the interrupted one restored from
+    there (with the searcher and scheduler it was started with)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     exp_dir = join(search_dir, name)
     if tune.Tuner.can_restore(exp_dir):
         log(f"search {label}: resuming the interrupted search in {exp_dir}")
         return tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=False, restart_errored=False)
-    grace = min(grace_epochs, epochs)
-    log(f"search {label}: {samples} trial(s), up to {concurrency} at a time; ASHA on {space.metric} "
-        f"({space.mode}), {epochs} epochs, grace {grace}")
+    how = {"asha": f"ASHA on {space.metric} ({space.mode}), {epochs} epochs, grace {min(grace_epochs, epochs)}",
+           "fifo": f"FIFO on {space.metric} ({space.mode}), {epochs} epochs, no early stopping",
+           "pbt": f"PBT on {space.metric} ({space.mode}), perturbing every {grace_epochs} epoch(s)",
+           "bohb": f"BOHB's HyperBand on {space.metric} ({space.mode}), {epochs} epochs"}[scheduler]
+    log(f"search {label}: {trials} trial(s), up to {concurrency} at a time; "
+        f"{search_alg if seed is not None else 'constants only'}; {how}")
+    checkpoints = (tune.CheckpointConfig(num_to_keep=algorithms.PBT_CHECKPOINTS_KEPT) if scheduler == "pbt"
+                   else None)
     return tune.Tuner(
         trainable,
-        param_space=to_tune(spec),
+        param_space=algorithms.param_space(search_alg, spec),
         tune_config=tune.TuneConfig(
-            search_alg=OptunaSearch(metric=space.metric, mode=space.mode, seed=seed) if seed is not None else None,
-            scheduler=ASHAScheduler(time_attr="epoch", metric=space.metric, mode=space.mode, max_t=epochs,
-                                    grace_period=grace, reduction_factor=ASHA_REDUCTION),
+            search_alg=algorithms.searcher(search_alg, space.metric, space.mode, seed),
+            scheduler=algorithms.scheduler(scheduler, space.metric, space.mode, max_epochs=epochs,
+                                           grace_epochs=grace_epochs, spec=spec),
             num_samples=samples, max_concurrent_trials=concurrency, reuse_actors=False,
             trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(
-            name=name, storage_path=search_dir, verbose=0,
+            name=name, storage_path=search_dir, verbose=0, checkpoint_config=checkpoints,
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False), callbacks=callbacks),
     )
 
 
 def run_search(sweep_dir: str, benchmark: str, loss: str, base: dict, space: Space, *, registry: str,
-               samples: int, grace_epochs: int, concurrency: int, keep_checkpoints: bool = False):
+               samples: int, grace_epochs: int, concurrency: int, keep_checkpoints: bool = False,
+               search_alg: str = algorithms.DEFAULT_SEARCH_ALG, scheduler: str = algorithms.DEFAULT_SCHEDULER):
     """One benchmark x loss search: new, restored, or done before (its trials.json exists).
-    ``registry``: the sweep's :func:`gloss_ray.sweep.ray_cleanup.run_registry`. Returns (records,
-    best record or None); raises KeyboardInterrupt when Ctrl-C stopped it (its state is saved)."""
+    ``registry``: the sweep's :func:`gloss_ray.sweep.ray_cleanup.run_registry`; ``search_alg`` and
+    ``scheduler``: checked by :func:`gloss_ray.sweep.algorithms.resolve` (a restored search must
+    have been started with them). Returns (records, best record or None); raises KeyboardInterrupt
+    when Ctrl-C stopped it (its state is saved)."""
     from ray import tune
 
     label, search_dir, name = f"{benchmark} x {loss}", join(sweep_dir, "search"), f"{benchmark}__{loss}"
@@ -207,21 +304,33 @@ def run_search(sweep_dir: str, benchmark: str, loss: str, base: dict, space: Spa
     spec = space.for_run(benchmark, loss)
     epochs = _max_epochs(spec, base["epochs"])
     searchable = any(isinstance(v, Dist) for v in spec.values())
-    samples = samples if searchable else 1                  # constants only: one trial
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, registry=registry, exp_dir=exp_dir),
+    algorithms.check_space(search_alg, scheduler, spec, f"{space.path} for {label}")
+    algorithms.check_resume(exp_dir, search_alg, scheduler)
+    if search_alg == "grid" and searchable:
+        samples, trials = 1, algorithms.grid_size(spec)     # every combination once
+    else:
+        samples = trials = samples if searchable else 1     # constants only: one trial
+    meta_file = join(exp_dir, algorithms.META)
+    method = read_json(meta_file) if exists(meta_file) else None
+    if method is None:
+        method = algorithms.write_meta(exp_dir, search_alg, scheduler,
+                                       search_alg if searchable else algorithms.NO_SEARCH, space.metric, space.mode)
+    trial_fn = _pbt_trial if scheduler == "pbt" else _trial
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, base=base, registry=registry, exp_dir=exp_dir),
                                     TRIAL_RESOURCES)
     tuner = _tuner(search_dir, name, label, trainable, spec, space,
                    seed=search_seed(base["seed"], benchmark, loss) if searchable else None, samples=samples,
-                   epochs=epochs, grace_epochs=grace_epochs, concurrency=concurrency,
-                   callbacks=[StopTrainRuns(registry), _SearchCallback(label, samples, epochs)])
+                   trials=trials, epochs=epochs, grace_epochs=grace_epochs, concurrency=concurrency,
+                   callbacks=[StopTrainRuns(registry), _SearchCallback(label, trials, epochs)],
+                   search_alg=search_alg, scheduler=scheduler)
     with released(registry):
         results = tuner.fit()      # a failed trial is an entry of the ResultGrid, not an exception
     ended = sum(exists(join(r.path, ENDED)) for r in results)
-    if ended < max(len(results), samples):   # Tune returns normally after Ctrl-C; the state is saved
-        log(f"search {label}: interrupted with {ended} of {samples} trials done")
+    if ended < max(len(results), trials):   # Tune returns normally after Ctrl-C; the state is saved
+        log(f"search {label}: interrupted with {ended} of {trials} trials done")
         raise KeyboardInterrupt
     records = trial_records(results, benchmark, loss, epochs, space.metric, space.mode,
-                            "gpu" if base["gpu"] else "cpu", base["workers"])
+                            "gpu" if base["gpu"] else "cpu", base["workers"], method)
     write_json(trials_file, records)
     if not keep_checkpoints:
         _remove_trial_checkpoints(label, results)

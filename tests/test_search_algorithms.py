@@ -1,0 +1,224 @@
+"""``gloss-ray tune --search-alg / --scheduler`` (:mod:`gloss_ray.sweep.algorithms`): every search
+algorithm and scheduler on a tiny space (a 1-layer random BERT on 32 documents of mr, two epochs),
+the wrong combinations refused in one line before Ray starts, the names in trials.json and in the
+report, PBT cloning a trial's checkpoint into another; and a sweep on S3 (the loopback moto server)
+writing its report there. Optuna + ASHA, the default, is tests/test_sweep.py's sweep."""
+import json
+import re
+import uuid
+
+import pytest
+
+from gloss_ray import cli
+from gloss_ray.sweep import algorithms
+
+pytestmark = pytest.mark.ray
+
+SPACE = """
+metric: train_loss
+mode: min
+losses:
+  gloss:
+    lr: {loguniform: [1.0e-5, 3.0e-3]}
+    lam: {uniform: [0.2, 0.8]}
+"""
+GRID_SPACE = """
+metric: train_loss
+mode: min
+loss: gloss
+params:
+  lam: {choice: [0.3, 0.7]}
+"""
+LR_ONLY = """
+metric: train_loss
+mode: min
+loss: gloss
+params:
+  lr: {loguniform: [1.0e-5, 3.0e-3]}
+"""
+
+
+def _sets(model: str, data_dir, epochs: int = 2) -> list[str]:
+    sets = {"model": model, "data_dir": str(data_dir), "max_train": 32, "max_eval": 24, "max_length": 16,
+            "batch_size": 16, "epochs": epochs, "progress": "false", "cpus_per_worker": 1}
+    return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+
+
+def _space(tmp_path, text: str, name: str = "space.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def _error(capsys, argv) -> str:
+    """``gloss-ray ARGV`` fails with exit status 2 and one ``gloss-ray: error:`` line."""
+    assert cli.main(argv) == 2
+    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if not re.match(r"^(\x1b\[\d+m)?\(", ln)]
+    assert len(lines) == 1 and lines[0].startswith("gloss-ray: error:"), lines
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- refused before Ray starts
+def test_wrong_combinations_are_refused_in_one_line_before_anything_runs(tmp_path, tiny_model_dir, data_dir,
+                                                                          capsys, monkeypatch):
+    out = tmp_path / "out"
+    space, grid, lr_only = _space(tmp_path, SPACE), _space(tmp_path, GRID_SPACE, "g.yaml"), _space(tmp_path, LR_ONLY, "l.yaml")
+
+    def tune(*extra, space=space):
+        return ["tune", "--benchmarks", "mr", "--losses", "gloss", "--space", space, "--storage", str(out),
+                "--name", "sw", *_sets(tiny_model_dir, data_dir), *extra]
+
+    for extra, where, msg in (
+            (("--search-alg", "bohb", "--scheduler", "asha"), space, "--scheduler asha: --search-alg bohb runs with"),
+            (("--scheduler", "bohb"), space, "--scheduler bohb: --search-alg bohb runs with"),
+            (("--scheduler", "pbt"), space, "--scheduler pbt: takes --search-alg random or grid, not optuna"),
+            (("--scheduler", "pbt", "--search-alg", "hyperopt"), space, "not hyperopt"),
+            (("--search-alg", "grid"), space, "--search-alg grid: "),
+            (("--search-alg", "grid", "--samples", "2"), grid, "--samples: not used by --search-alg grid"),
+    ):
+        err = _error(capsys, tune(*extra, space=where))
+        assert msg in err, err
+    assert "lr is a loguniform range" in _error(capsys, tune("--search-alg", "grid"))
+    if algorithms.pbt_supported():
+        assert "searches none of lam" in _error(capsys, tune("--search-alg", "random", "--scheduler", "pbt",
+                                                             space=lr_only))
+    else:                                       # refused, never run without its checkpoints
+        assert "--scheduler pbt: not available yet" in _error(capsys, tune("--search-alg", "random",
+                                                                            "--scheduler", "pbt", space=space))
+
+    # a package that is not installed: the choice is refused, never replaced by another
+    monkeypatch.setitem(algorithms._PACKAGES, "hyperopt", ("hyperopt", "no_such_package_gloss_ray"))
+    err = _error(capsys, tune("--search-alg", "hyperopt"))
+    assert "--search-alg hyperopt: needs the Python package(s) no_such_package_gloss_ray, not installed" in err
+    assert not out.exists()                                    # nothing started or written
+
+    # an interrupted search resumes with the choice it started with; one started before the choice
+    # existed (no search.json) was optuna + asha
+    exp = out / "sw" / "search" / "mr__gloss"
+    exp.mkdir(parents=True)
+    algorithms.check_resume(str(exp), "optuna", "asha")
+    err = _error(capsys, tune("--search-alg", "random"))
+    assert f"{exp} was started with --search-alg optuna --scheduler asha" in err
+    algorithms.write_meta(str(exp), "random", "fifo", "random", "train_loss", "min")
+    algorithms.check_resume(str(exp), "random", "fifo")
+    assert "started with --search-alg random --scheduler fifo" in _error(capsys, tune())
+
+
+def test_every_choice_explains_itself_in_help():
+    from gloss_ray.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["tune"]
+    helps = {a.dest: a.help for a in sub._actions}
+    for name in algorithms.SEARCH_ALGS:
+        assert re.search(rf"\b{name} \(", helps["search_alg"]), name
+    for name in algorithms.SCHEDULERS:
+        assert re.search(rf"\b{name} \(", helps["scheduler"]), name
+    assert "(default: optuna)" in helps["search_alg"] and "(default: asha;" in helps["scheduler"]
+
+
+# --------------------------------------------------------------------------- the searches
+@pytest.fixture(scope="module")
+def base(tiny_model_dir, data_dir, tmp_path_factory):
+    from gloss_ray.sweep.plan import SweepOptions, base_configs
+
+    sets = _sets(tiny_model_dir, data_dir)
+    opts = SweepOptions(command="tune", benchmarks="mr", losses="gloss", seeds=1,
+                        storage=str(tmp_path_factory.mktemp("unused")), name=None, config=None,
+                        set=sets[1::2], workers=1, gpu=False, concurrency=2, keep_checkpoints=False)
+    return base_configs(opts, ["mr"], ["gloss"])[("mr", "gloss")]
+
+
+def _search(tmp_path, base, text: str, alg: str, sched: str, samples: int, epochs: int = 2, grace: int = 1,
+            keep_checkpoints: bool = False):
+    """One real search (gloss_ray.sweep.search.run_search) of mr x gloss; returns (records, its folder)."""
+    from gloss_ray.sweep.ray_cleanup import run_registry
+    from gloss_ray.sweep.search import run_search
+    from gloss_ray.sweep.spaces import load_space
+
+    sweep = tmp_path / f"{alg}-{sched}"
+    with run_registry(str(sweep)) as registry:
+        records, best = run_search(str(sweep), "mr", "gloss", {**base, "epochs": epochs},
+                                   load_space(_space(tmp_path, text, f"{alg}-{sched}.yaml")), registry=registry,
+                                   samples=samples, grace_epochs=grace, concurrency=2,
+                                   search_alg=alg, scheduler=sched, keep_checkpoints=keep_checkpoints)
+    assert best is not None
+    return records, sweep
+
+
+def test_each_search_algorithm_and_scheduler_runs_and_the_report_names_them(ray_local, base, tmp_path):
+    from gloss_ray.report import build_report
+
+    for alg, sched, text, samples in (("hyperopt", "asha", SPACE, 2), ("random", "fifo", SPACE, 2),
+                                      ("grid", "asha", GRID_SPACE, 1), ("bohb", "bohb", SPACE, 2)):
+        records, sweep = _search(tmp_path, base, text, alg, sched, samples)
+        exp = sweep / "search" / "mr__gloss"
+        assert json.loads((exp / "search.json").read_text())["requested"] == {"search_alg": alg, "scheduler": sched}
+        assert len(records) == 2 and all(t["status"] != "ERROR" for t in records), records
+        assert {(t["search_alg"], t["scheduler"]) for t in records} == {(alg, sched)}
+        if alg == "grid":                                      # every combination once
+            assert sorted(t["config"]["lam"] for t in records) == [0.3, 0.7]
+        else:                                                  # sampled: two different configurations
+            assert records[0]["config"]["lr"] != records[1]["config"]["lr"]
+        if sched == "fifo":                                    # nothing stopped early
+            assert [t["iterations"] for t in records] == [2, 2]
+        build_report(sweep)
+        md = (sweep / "report" / "report.md").read_text()
+        assert f"| mr | gloss | {alg} | {sched} |" in md, md
+        methods = json.loads((sweep / "report" / "results.json").read_text())["search"]["methods"]
+        assert methods == [{"benchmark": "mr", "loss": "gloss", "search_alg": alg, "scheduler": sched}]
+
+
+@pytest.mark.skipif(not algorithms.pbt_supported(), reason="--scheduler pbt needs gloss_ray.train.launch.fit("
+                    "start_checkpoint=...): Ray Train 2.60 refuses resume_from_checkpoint")
+def test_pbt_continues_the_worse_trial_from_the_better_ones_checkpoint(ray_local, base, tmp_path):
+    """PBT, 2 trials x 3 epochs, perturbing after every epoch (synchronously): once both reached
+    epoch 1, the worse one goes on from a copy of the better one's checkpoint with a mutated lam
+    (lr, not mutable, copied): its next Train run (run-1) starts from the better trial's epoch 1."""
+    from gloss_ray.report.collect import tune_result_rows
+    from gloss_ray.sweep.search import _remove_trial_checkpoints
+
+    records, sweep = _search(tmp_path, base, SPACE, "random", "pbt", samples=2, epochs=3, keep_checkpoints=True)
+    exp = sweep / "search" / "mr__gloss"
+    assert len(records) == 2 and {(t["search_alg"], t["scheduler"]) for t in records} == {("random", "pbt")}
+    assert all(t["status"] == "TERMINATED" and t["iterations"] == 3 for t in records), records
+    rows = {d.name: tune_result_rows(d) for d in exp.iterdir() if (d / "result.json").exists()}
+    by_tag = {r[0]["experiment_tag"]: tid for tid, r in rows.items()}
+    steps = [json.loads(line) for line in (exp / "pbt_global.txt").read_text().splitlines()]
+    assert steps, "PBT exploited no trial"
+    target_tag, donor_tag, target_epoch, donor_epoch, donor_config, new = steps[0]
+    target, donor = by_tag[target_tag], by_tag[donor_tag]
+    assert target_epoch == donor_epoch == 1
+    assert new["lam"] != donor_config["lam"] and 0.2 <= new["lam"] <= 0.8 and new["lr"] == donor_config["lr"]
+    donor_1, own_1 = ([r for r in rows[t] if r["epoch"] == 1][0] for t in (donor, target))
+    assert own_1["train_loss"] != donor_1["train_loss"]
+    # run-1's first checkpoint: the donor's epoch 1 restored, then its own epoch 2
+    first = json.loads(sorted((exp / target / "run-1").glob("checkpoint_*/state.json"))[0].read_text())
+    assert first["epoch"] == 2 and first["history"][0]["train_loss"] == pytest.approx(donor_1["train_loss"], rel=1e-9)
+    assert first["history"][0]["val_macro_f1"] == pytest.approx(donor_1["val_macro_f1"], rel=1e-9)
+    after = [r for r in rows[target] if r["epoch"] == 2][-1]
+    assert after["config"]["lam"] == pytest.approx(new["lam"]) and after["config"]["lr"] == pytest.approx(new["lr"])
+
+    _remove_trial_checkpoints("mr x gloss", [type("R", (), {"path": str(exp / t)})() for t in rows])
+    assert [p for p in exp.rglob("checkpoint_*") if p.is_dir()] == []      # Train's and Tune's
+
+
+# --------------------------------------------------------------------------- report on S3
+def test_a_sweep_on_s3_writes_its_report_there(ray_local, moto_server, tiny_model_dir, data_dir, capsys):
+    import pyarrow.fs as pafs
+
+    bucket = f"gloss-{uuid.uuid4().hex[:12]}"
+    pafs.S3FileSystem(endpoint_override=moto_server, allow_bucket_creation=True).create_dir(bucket)
+    storage = f"s3://{bucket}/sweeps"
+    rc = cli.main(["bench", "--benchmarks", "mr", "--losses", "ce", "--seeds", "1", "--storage", storage,
+                   "--name", "b", *_sets(tiny_model_dir, data_dir, epochs=1)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert f"report: {storage}/b/report/report.md (also report.html, results.csv, results.json), uploaded" in out
+    fs, root = pafs.FileSystem.from_uri(f"{storage}/b/report")
+    names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(root))}
+    assert {"report.md", "report.html", "results.csv", "results.json"} <= names
+    with fs.open_input_stream(f"{root}/results.json") as f:
+        results = json.loads(f.read().decode())
+    assert results["results_dir"] == f"{storage}/b"                       # not the temporary copy
+    assert [r["dir"] for r in results["runs"]] == [f"{storage}/b/runs/mr/ce/seed0"]
+    assert [(r["benchmark"], r["key"], r["n_seeds"]) for r in results["results"]] == [("mr", "ce", 1)]
