@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gloss_ray.graph import (EmbeddingBank, GlobalNeighbours, KnnIndex, calibration_rows,  # noqa: E402
+from gloss_ray.graph import (EmbeddingBank, GlobalNeighbours, calibration_rows, make_index,  # noqa: E402
                              exact_knn_torch, faiss_gpu_available, held_out_queries, label_homophily, recall_at_k)
 from gloss_ray.graph.synthetic import clustered_unit_vectors  # noqa: E402
 
@@ -89,7 +89,7 @@ def bench_backend(name: str, x: torch.Tensor, labels: torch.Tensor, k: int, samp
         params["num_threads"] = args.faiss_threads
     xb = x.to(device)
     cpu0 = time.process_time()
-    idx = KnnIndex.build(xb, name, device, **params)
+    idx = make_index(xb, name, device, **params)
     build_cpu = time.process_time() - cpu0
     if idx.calib_rows is not None and bool(torch.isin(sample, idx.calib_rows).any()):
         raise RuntimeError(f"{name}: recall queries overlap the index's calibration queries")

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from gloss_ray.errors import ConfigError
 from gloss_ray.graph import (EmbeddingBank, GlobalNeighbours, KnnIndex, LabelSpreading, choose_backend,
-                             exact_knn_torch, faiss_gpu_available, label_homophily, propagate_labels_knn, recall_at_k)
+                             exact_knn_torch, faiss_gpu_available, label_homophily, make_index, propagate_labels_knn,
+                             recall_at_k)
 from gloss_ray.graph import global_graph as global_graph_mod
 from gloss_ray.graph import index as index_mod
 from gloss_ray.graph.global_graph import GlobalGraph
@@ -54,14 +55,14 @@ def test_exact_knn_torch_queries_padding_and_dtype():
 @pytest.mark.parametrize("backend", ["torch-exact", "faiss-flat"])
 def test_index_exact_backends_exclude_ids_and_id_map(backend):
     x = unit(200, 16)
-    idx = KnnIndex.build(x, backend)
+    idx = make_index(x, backend)
     assert idx.backend == backend and idx.build_seconds >= 0
     res = idx.search(x, 5, exclude_ids=torch.arange(200), batch_size=64)
     expect = brute_force(x, x, 5, exclude_self=True)[1]
     assert torch.equal(res.ids.cpu(), expect)
     # index over a subset, reported in external ids; two ids excluded per query
     rows = torch.arange(0, 200, 2)
-    sub = KnnIndex.build(x[rows], backend, ids=rows)
+    sub = make_index(x[rows], backend, ids=rows)
     excl = torch.stack([torch.arange(200), torch.full((200,), -1)], 1)
     got = sub.search(x, 3, exclude_ids=excl).ids.cpu()
     sim = x @ x[rows].T
@@ -80,7 +81,7 @@ def corpus():
 @pytest.mark.parametrize("backend", ["faiss-ivf", "faiss-hnsw"])
 def test_approximate_backends_reach_recall(corpus, backend):
     x, labels, exact = corpus
-    idx = KnnIndex.build(x, backend)
+    idx = make_index(x, backend)
     res = idx.search(x, 16, exclude_ids=torch.arange(len(x)))
     rec = recall_at_k(res.ids, exact.ids)
     assert rec >= 0.95, (idx, rec)
@@ -91,8 +92,8 @@ def test_approximate_backends_reach_recall(corpus, backend):
 @pytest.mark.parametrize("codec", ["pqfs", "pq-bank", "sq8", "flat"])
 def test_ivf_fixed_params_and_codecs(corpus, codec):
     x, _, exact = corpus
-    idx = KnnIndex.build(x, "faiss-ivf", nlist=64, nprobe=16, codec=codec, k_factor=16)
-    assert idx.params["nlist"] == 64 and idx._ivf.nprobe == 16 and idx.params["nprobe"] == 16
+    idx = make_index(x, "faiss-ivf", nlist=64, nprobe=16, codec=codec, k_factor=16)
+    assert idx.params["nlist"] == 64 and idx.nprobe == 16 and idx.params["nprobe"] == 16
     assert idx.params["codec"] == codec and "calib_recall" not in idx.params
     res = idx.search(x[:2000], 17, exclude_ids=torch.arange(2000))
     assert recall_at_k(res.ids[:, :16], exact.ids[:2000]) > 0.8
@@ -102,12 +103,12 @@ def test_ivf_fixed_params_and_codecs(corpus, codec):
         assert idx.params["factory"] == "IVF64,PQ16x4fs" + (",RFlat" if codec == "pqfs" else "")
         got = (x[:2000].unsqueeze(1) * x[res.ids]).sum(-1)
         assert torch.allclose(got, res.scores, atol=1e-4)
-    if codec == "pq-bank":   # re-ranked against the indexed tensor itself, not a copy
-        assert idx._rerank.data_ptr() == x.data_ptr()
-    idx = KnnIndex.build(x, "faiss-ivf", target_recall=None, codec=codec)
+    if codec == "pq-bank":   # re-ranked against the indexed tensor itself, not a copy: no bytes beyond it
+        assert idx.nbytes(x) == idx.nbytes() - x.numel() * x.element_size() > 0
+    idx = make_index(x, "faiss-ivf", target_recall=None, codec=codec)
     assert idx.params["nprobe"] == max(8, -(-idx.params["nlist"] // 80))
     with pytest.raises(ConfigError, match="codec"):
-        KnnIndex.build(x[:500], "faiss-ivf", codec="pq")
+        make_index(x[:500], "faiss-ivf", codec="pq")
 
 
 # ------------------------------------------------------------------ backend choice
@@ -117,7 +118,7 @@ def test_choose_backend_auto_and_errors(monkeypatch):
     assert choose_backend(index_mod.EXACT_MAX_N, "cpu") == "faiss-flat"
     assert choose_backend(index_mod.EXACT_MAX_N + 1, "cpu") == "faiss-ivf"
     assert choose_backend(10**6, "cpu") == "faiss-ivf"
-    assert KnnIndex.build(unit(50, 8)).backend == "faiss-flat"
+    assert make_index(unit(50, 8)).backend == "faiss-flat"
     assert choose_backend(10, "cpu", "faiss-hnsw") == "faiss-hnsw"
     monkeypatch.setattr(index_mod, "faiss_gpu_available", lambda: False)
     assert choose_backend(10**6, "cuda") == "torch-exact"
@@ -153,7 +154,7 @@ def test_faiss_gpu_request_without_gpu_build():
     if faiss_gpu_available():
         pytest.skip("a FAISS GPU build is installed")
     with pytest.raises(ConfigError, match="faiss-gpu"):
-        KnnIndex.build(unit(10, 4), "faiss-gpu", device="cuda")
+        make_index(unit(10, 4), "faiss-gpu", device="cuda")
 
 
 # ------------------------------------------------------------------ helpers
@@ -401,7 +402,7 @@ def test_ivf_calibration_counts_ties_between_duplicates_as_hits():
     # their maximum (nprobe = nlist, k_factor 256: a brute-force scan).
     base, _ = clustered_unit_vectors(2000, 32, 8, rank=4, seed=0)
     x = torch.cat([base] + [base[:200]] * 19).contiguous()
-    idx = KnnIndex.build(x, "faiss-ivf", codec="pq-bank")
+    idx = make_index(x, "faiss-ivf", codec="pq-bank")
     assert idx.params["calib_recall"] >= 0.96
     assert idx.params["nprobe"] < idx.params["nlist"] / 4 and idx.params["k_factor"] < 256
     q = index_mod.held_out_queries(len(x), 1000, idx.calib_rows, seed=1)

@@ -12,7 +12,7 @@ from gloss_ray.config import TrainConfig
 from gloss_ray.errors import ConfigError
 from gloss_ray.graph.predict import (META_FILE, WEIGHTS_FILE, GraphPredictor, SplitOutputs, harmonic_transductive,
                                      kernel_vote, load_graph_predictor, score_splits)
-from gloss_ray.graph.index import KnnIndex
+from gloss_ray.graph.index import make_index
 
 
 def _unit(*rows):
@@ -61,7 +61,7 @@ def test_transductive_mode_equals_the_exact_harmonic_solution_and_lets_queries_v
     queries = torch.nn.functional.normalize(torch.randn(7, 4, generator=g), dim=1)
     nodes = torch.cat([train, queries])
     k, sigma = 4, 0.7
-    res = KnnIndex.build(nodes, "torch-exact").search(nodes, k, exclude_ids=torch.arange(19))
+    res = make_index(nodes, "torch-exact").search(nodes, k, exclude_ids=torch.arange(19))
     got = harmonic_transductive(res.ids, res.scores, labels, 12, 3, sigma, iters=5000, tol=1e-14)
     w = torch.zeros(19, 19, dtype=torch.float64)
     for i in range(19):

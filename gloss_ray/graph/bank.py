@@ -14,7 +14,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from gloss_ray.graph.index import KnnIndex
+from gloss_ray.graph.index import KnnIndex, make_index
 
 Tensor = torch.Tensor
 
@@ -132,10 +132,10 @@ class EmbeddingBank:
         reporting bank row ids. Over the whole bank it indexes the bank's own tensor (float32 on CPU), no copy."""
         keep = self.filled & (self.labels >= 0) if labelled_only else self.filled
         if bool(keep.all()):
-            return KnnIndex.build(self.index_vectors(), backend, str(self.device), **params)
+            return make_index(self.index_vectors(), backend, str(self.device), **params)
         rows = keep.nonzero().squeeze(1)
         vecs = self.vectors[rows] if self.device.type == "cuda" else self.vectors[rows].float()
-        return KnnIndex.build(vecs, backend, str(self.device), ids=rows, **params)
+        return make_index(vecs, backend, str(self.device), ids=rows, **params)
 
     def index_vectors(self) -> Tensor:
         """The vectors as the kNN index takes them: the bank's dtype on GPU, float32 on CPU."""

@@ -41,10 +41,14 @@ import torch
 
 from .. import distributed as D
 from .bank import EmbeddingBank, GlobalNeighbours
-from .index import (BACKENDS, IVF_CODECS, KnnIndex, KnnResult, choose_backend, held_out_queries,
-                    label_homophily, tie_aware_recall)
+from .index import (KnnIndex, KnnResult, choose_backend, empty_state, held_out_queries, label_homophily,
+                    restore_index, tie_aware_recall)
 from .pseudo import LabelSpreading
 from .shared import node_zeros, recheck
+
+
+# the graph's state holds its index's (KnnIndex.state_dict) under these keys: index_backend, index_faiss, ...
+INDEX_PREFIX = "index_"
 
 
 class GlobalGraph:
@@ -109,7 +113,7 @@ class GlobalGraph:
             diag["pseudo_label_accuracy"] = float((pred[unknown] == self.true_labels[unknown]).mean())
             diag["pseudo_labelled"] = int(use.sum())
         self.neighbours = GlobalNeighbours(self.bank, index)
-        diag["bank_bytes"], diag["index_bytes"] = self.bank_bytes(), index_nbytes(index, self.bank.vectors)
+        diag["bank_bytes"], diag["index_bytes"] = self.bank_bytes(), index.nbytes(self.bank.vectors)
         diag["bank_shared"] = int(self.shared)    # 1: the bank's vectors are one copy per node
         self.refreshed_at_epoch = epoch
         return diag
@@ -143,7 +147,8 @@ class GlobalGraph:
                  "refreshed_at_epoch": -1 if self.refreshed_at_epoch is None else int(self.refreshed_at_epoch),
                  "knn_ids": self._knn[0] if self._knn else torch.empty(0, 0, dtype=torch.long),
                  "knn_scores": self._knn[1] if self._knn else torch.empty(0, 0)}
-        state.update(index_state(self.neighbours.index if self.neighbours else None))
+        index = self.neighbours.index.state_dict() if self.neighbours else empty_state()
+        state.update({f"{INDEX_PREFIX}{k}": v for k, v in index.items()})
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -161,7 +166,8 @@ class GlobalGraph:
         ids, scores = state["knn_ids"], state["knn_scores"]
         self._knn = (ids, scores) if ids.numel() else None
         self.spreading = LabelSpreading(ids, scores, device=self.device) if self._knn else None
-        index = restore_index(state, self.bank)
+        index = restore_index({k[len(INDEX_PREFIX):]: v for k, v in state.items() if k.startswith(INDEX_PREFIX)},
+                              self.bank.index_vectors(), str(self.bank.device))
         self.neighbours = GlobalNeighbours(self.bank, index) if index is not None else None
 
     @staticmethod
@@ -217,90 +223,3 @@ class GlobalGraph:
         mean = self.lookup_s / max(1, self.lookups)
         self.lookup_s, self.lookups = 0.0, 0
         return mean
-
-
-def index_state(index: KnnIndex | None) -> dict:
-    """``index`` as numbers: ``index_backend`` (position in :data:`BACKENDS`, -1 = no index), ``index_faiss``
-    (the serialised FAISS index, uint8; empty for ``torch-exact``, which searches the bank's own tensor),
-    ``index_codec`` (position in :data:`IVF_CODECS`, -1 = none), ``index_id_map`` (empty = none) and
-    ``index_params`` (its numeric parameters, e.g. calibrated ``nprobe``, ``k_factor``, ``ef_search``)."""
-    empty = {"index_backend": -1, "index_faiss": torch.empty(0, dtype=torch.uint8), "index_codec": -1,
-             "index_id_map": torch.empty(0, dtype=torch.long), "index_params": {}}
-    if index is None:
-        return empty
-    state = dict(empty, index_backend=BACKENDS.index(index.backend),
-                 index_params={k: v for k, v in index.params.items()
-                               if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    if index.params.get("codec") in IVF_CODECS:
-        state["index_codec"] = IVF_CODECS.index(index.params["codec"])
-    if index.id_map is not None:
-        state["index_id_map"] = index.id_map.cpu()
-    if index._index is not None:
-        import faiss
-
-        ix = faiss.index_gpu_to_cpu(index._index) if index.backend == "faiss-gpu" else index._index
-        state["index_faiss"] = torch.from_numpy(faiss.serialize_index(ix))
-    return state
-
-
-def restore_index(state: dict, bank: EmbeddingBank) -> KnnIndex | None:
-    """The index :func:`index_state` describes, over ``bank`` (restored first: a ``torch-exact`` index and
-    an IVF ``pq-bank`` index search or re-rank its tensor)."""
-    pos = int(state["index_backend"])
-    if pos < 0:
-        return None
-    backend = BACKENDS[pos]
-    if backend == "torch-exact":
-        return bank.build_index(backend, labelled_only=False, **state["index_params"])
-    import faiss
-
-    ix = faiss.deserialize_index(state["index_faiss"].numpy())
-    params = dict(state["index_params"])
-    if int(state["index_codec"]) >= 0:
-        params["codec"] = IVF_CODECS[int(state["index_codec"])]
-    index = KnnIndex(backend, bank.dim, int(ix.ntotal), str(bank.device), params)
-    if backend == "faiss-gpu":  # untested here: no FAISS GPU build on the reference machine
-        index._gpu_res = faiss.StandardGpuResources()
-        ix = faiss.index_cpu_to_gpu(index._gpu_res, bank.device.index or 0, ix)
-    index._index = ix
-    if backend == "faiss-ivf":
-        index._ivf = faiss.extract_index_ivf(ix)
-    if params.get("codec") == "pq-bank":
-        index._rerank = bank.index_vectors()
-    if state["index_id_map"].numel():
-        index.id_map = state["index_id_map"].long()
-    return index
-
-
-def index_nbytes(index: KnnIndex, bank_vectors: torch.Tensor | None = None) -> int:
-    """Bytes a :class:`KnnIndex` holds beyond the bank, ESTIMATED from ``ntotal`` x code size (no copy):
-    FAISS flat storage ``ntotal*code_size``; IVF ``ntotal*(code_size + 8)`` (codes + ids) plus the coarse
-    centroids; ``IndexRefineFlat`` adds its flat copy of the vectors; HNSW adds ``ntotal*2M*4`` level-0
-    links. Ignores block padding and codebooks: within 1% of ``faiss.serialize_index(...).nbytes`` on
-    20k x 384 (IVF-PQ-fastscan+refine 32.27 vs 32.55 MB, HNSW 35.84 vs 36.16 MB). ``torch-exact`` (and
-    IVF ``pq-bank``'s re-rank vectors) count their tensor unless it is the bank's own storage (CPU
-    float32 bank)."""
-    total = 0
-    for t in (index._bank, index._rerank):   # torch-exact's tensor; pq-bank's re-rank vectors
-        if t is not None and not (bank_vectors is not None and t.data_ptr() == bank_vectors.data_ptr()):
-            total += int(t.numel() * t.element_size())
-    if index._index is None:
-        return total
-    try:
-        import faiss
-    except ImportError:  # pragma: no cover
-        return total
-
-    def est(ix) -> int:
-        ix = faiss.downcast_index(ix)
-        if isinstance(ix, faiss.IndexRefine):
-            return est(ix.base_index) + est(ix.refine_index)
-        if isinstance(ix, faiss.IndexIVF):
-            return int(ix.ntotal * (ix.code_size + 8)) + est(ix.quantizer)
-        if isinstance(ix, faiss.IndexHNSW):
-            return est(ix.storage) + int(ix.ntotal * ix.hnsw.nb_neighbors(0) * 4)
-        return int(ix.ntotal * getattr(ix, "code_size", 4 * ix.d))
-    try:
-        return total + est(index._index)
-    except Exception:  # a GPU index or an unknown type: no estimate
-        return -1

@@ -74,7 +74,7 @@ import torch
 
 from ..losses.propagation import l2_normalise
 from ..metrics import classification_metrics
-from .index import KnnIndex, choose_backend
+from .index import KnnIndex, make_index
 
 Array = Union[torch.Tensor, np.ndarray]
 
@@ -221,8 +221,7 @@ class GraphPredictor:
     # ------------------------------------------------------------------------------ propagation
     def index(self) -> KnnIndex:
         if self._index is None:
-            n = len(self.labels)
-            self._index = KnnIndex.build(self.embeddings, choose_backend(n, "cpu", self.backend), "cpu")
+            self._index = make_index(self.embeddings, self.backend, "cpu")
         return self._index
 
     def graph_proba_by_k(self, queries: Array, ks: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -239,7 +238,7 @@ class GraphPredictor:
         nodes = torch.cat([self.embeddings, q]).contiguous()
         n = nodes.shape[0]
         kmax = min(max(ks), n - 1)
-        index = KnnIndex.build(nodes, choose_backend(n, "cpu", self.backend), "cpu")
+        index = make_index(nodes, self.backend, "cpu")
         res = index.search(nodes, kmax, exclude_ids=torch.arange(n))
         return {int(k): harmonic_transductive(res.ids[:, :k], res.scores[:, :k], self.labels, len(self.labels),
                                               self.num_classes, self.sigma) for k in ks}
