@@ -13,7 +13,8 @@ import pandas as pd
 import torch
 
 from .errors import DataError
-from .model import DEFAULT_MAX_LENGTH, TextClassifier, encode
+from .data import PadCollator
+from .model import DEFAULT_MAX_LENGTH, TextClassifier, encode, token_budget_batches
 
 
 def read_texts(path: str, text_column: str = "text") -> list[str]:
@@ -52,16 +53,21 @@ def _run(model_dir: str, texts: list[str], batch_size: int, max_length: int | No
     max_length = max_length or model.meta.get("max_length") or DEFAULT_MAX_LENGTH
     # a progress bar (stderr) over the texts encoded, when there is more than one batch
     with tqdm(total=len(texts), desc=what, unit="text", disable=len(texts) <= batch_size) as progress:
-        logits, embs = encode(model, _batches(tok, texts, batch_size, max_length, progress), torch.device("cpu"))
+        logits, embs = encode(model, _batches(tok, texts, batch_size * max_length, max_length), torch.device("cpu"),
+                              rows=len(texts), progress=progress)
     return model, logits, embs
 
 
-def _batches(tok, texts: list[str], batch_size: int, max_length: int, progress):
-    """Tokenised batches of ``texts``; ``progress`` advances as each one has been encoded."""
-    for i in range(0, len(texts), batch_size):
-        chunk = texts[i:i + batch_size]
-        yield tok(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        progress.update(len(chunk))
+def _batches(tok, texts: list[str], max_tokens: int, max_length: int):
+    """Tokenised batches of ``texts`` in order of length, ``max_tokens`` padded tokens at most
+    (:func:`~gloss_ray.model.token_budget_batches`), right-padded as in training, each with the
+    ``position`` of its texts (where :func:`~gloss_ray.model.encode` puts their outputs)."""
+    ids = tok(texts, truncation=True, max_length=max_length, padding=False)["input_ids"]
+    collate = PadCollator(tok.pad_token_id)
+    for rows in token_budget_batches([len(x) for x in ids], max_tokens):
+        batch = collate([{"input_ids": ids[i], "attention_mask": [1] * len(ids[i])} for i in rows])
+        batch["position"] = torch.tensor(rows, dtype=torch.long)
+        yield batch
 
 
 def predict_file(model_dir, input_path, output=None, text_column="text", batch_size=64, max_length=None) -> Path:

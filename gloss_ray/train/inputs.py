@@ -8,11 +8,13 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 
 from ..config import TrainConfig
 from ..data import GlobalBatchSampler, PadCollator, load_corpus, tokenize_split
-from ..model import load_tokenizer
+from ..model import LengthBatches, load_tokenizer
 
 
 @dataclass
@@ -31,15 +33,55 @@ class WorkerData:
     total_steps: int
     tokenize_s: dict = field(default_factory=dict)
     eval_batch_size: int = 64
+    max_length: int = 128
 
     @property
     def steps_per_epoch(self) -> int:
         return len(self.sampler)
 
+    @property
+    def encode_tokens(self) -> int:
+        """The token budget of an encoding batch: ``eval_batch_size`` documents of the longest length."""
+        return self.eval_batch_size * self.max_length
+
     def loader_for(self, dataset, rows=None) -> DataLoader:
-        """Batches of ``dataset`` (or of its ``rows``) for encoding, in order."""
-        part = dataset if rows is None else dataset.select(list(rows))
-        return DataLoader(part, batch_size=self.eval_batch_size, collate_fn=self.collate)
+        """Batches of ``dataset`` (or of its ``rows``) for :func:`~gloss_ray.model.encode`: length-sorted
+        within a budget of :attr:`encode_tokens` padded tokens (:class:`~gloss_ray.model.LengthBatches`),
+        each with the ``position`` of its documents, where ``encode`` puts their outputs back in order."""
+        part = PositionedRows(dataset if rows is None else dataset.select(list(rows)))
+        return DataLoader(part, batch_sampler=LengthBatches(part.lengths(), self.encode_tokens),
+                          collate_fn=self.collate_positioned)
+
+    def collate_positioned(self, features) -> dict:
+        batch = self.collate(features)
+        batch["position"] = torch.tensor([f["position"] for f in features], dtype=torch.long)
+        return batch
+
+
+class PositionedRows(TorchDataset):
+    """A tokenised dataset's rows as ``{input_ids, attention_mask, position}`` (its row number), read a
+    batch at a time."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def lengths(self) -> np.ndarray:
+        """Tokens per row, read from the Arrow column without building Python lists."""
+        import pyarrow.compute as pc
+
+        column = self.dataset.with_format("arrow")["input_ids"]
+        return pc.list_value_length(column).to_numpy(zero_copy_only=False)
+
+    def __getitems__(self, positions: list[int]) -> list[dict]:
+        cols = self.dataset[positions]
+        return [{"input_ids": i, "attention_mask": m, "position": p}
+                for i, m, p in zip(cols["input_ids"], cols["attention_mask"], positions)]
+
+    def __getitem__(self, position: int) -> dict:
+        return self.__getitems__([position])[0]
 
 
 def known_label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -99,4 +141,4 @@ def load_worker_data(cfg: TrainConfig, rank: int, world: int, log) -> WorkerData
         total_steps = min(total_steps, cfg.max_steps)
     return WorkerData(corpus, tokenizer, collate, full_train, train, train_labels, known_labels, true_labels, sets,
                       sampler, DataLoader(train, batch_sampler=sampler, collate_fn=collate), total_steps, tok_s,
-                      eval_batch_size=cfg.eval_batch_size)
+                      eval_batch_size=cfg.eval_batch_size, max_length=cfg.max_length)

@@ -6,6 +6,8 @@ One step: encoder forward once -> logits + embeddings; the objective (:mod:`.obj
 local batch, the auxiliary loss on the GLOBAL batch, ``(1-lam)*CE + lam*aux``); a NaN guard all
 ranks take together; backward, clip, step. Each epoch: validation over the whole validation set
 (sharded, gathered), a checkpoint (:mod:`.checkpoint`) and early stopping on validation macro-F1.
+Every step is counted (:mod:`gloss_ray.throughput`): real tokens/s, documents/s and MFU per epoch in
+the history, over the run in ``state["throughput"]``, and live on the progress bar.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from ..config import TrainConfig
 from ..losses import WeightedCrossEntropy, balanced_class_weights
 from ..metrics import classification_metrics
 from ..model import TextClassifier, autocast, encode, unwrap
+from ..throughput import Meter, peak_flops
 from . import checkpoint
 from .inputs import WorkerData, load_worker_data
 from .objective import TrainingObjective, build_auxiliary
@@ -43,6 +46,8 @@ def train(cfg: TrainConfig, session) -> dict:
         + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""))
     model, objective, graph = build_model(cfg, session, data, device)
     optimizer, scheduler = build_optimizer(cfg, model, data.total_steps)
+    peak, peak_source = peak_flops(device)
+    log(f"[gloss-ray] device peak {peak / 1e9:.0f} GFLOP/s ({peak_source}), the MFU's denominator")
 
     state, best_weights = checkpoint.new_state(), None
     if ckpt_dir := session.checkpoint_dir():
@@ -53,11 +58,11 @@ def train(cfg: TrainConfig, session) -> dict:
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         t0 = time.time()
         diag = refresh_graph(graph, cfg, epoch, model, data, device, state["global_step"], log)
-        sums = train_epoch(cfg, epoch, model, objective, optimizer, scheduler, data, device, state, log)
+        sums, speed = train_epoch(cfg, epoch, model, objective, optimizer, scheduler, data, device, state, log, peak)
         val, _, _ = evaluate(model, data, data.eval_sets["validation"], device)
         epoch_time = time.time() - t0
         state["elapsed_s"] += epoch_time
-        row = history_row(epoch, sums, val, epoch_time, state, scheduler, objective, graph, diag)
+        row = history_row(epoch, sums, val, epoch_time, state, scheduler, objective, graph, diag, speed)
         state["history"].append(row)
         improved = val["macro_f1"] > state["best_val_macro_f1"]
         if improved:
@@ -65,13 +70,15 @@ def train(cfg: TrainConfig, session) -> dict:
             best_weights = checkpoint.weights_cpu(model)
         state["epoch"] = epoch
         log(f"[gloss-ray] epoch {epoch}: loss {row['train_loss']:.4f} (ce {row['train_ce']:.4f}, aux {row['train_aux']:.4f}) "
-            f"val acc {val['accuracy']:.4f} macro-F1 {val['macro_f1']:.4f}{' *' if improved else ''} [{row['epoch_time_s']:.1f}s]")
+            f"val acc {val['accuracy']:.4f} macro-F1 {val['macro_f1']:.4f}{' *' if improved else ''} [{row['epoch_time_s']:.1f}s; "
+            f"train {speed['tokens_per_s']:.0f} tokens/s, {speed['docs_per_s']:.1f} docs/s, MFU {speed['mfu']:.1%}]")
         checkpoint.save_and_report(session, row, state, model, optimizer, scheduler, best_weights, rank, graph)
         checkpoint.maybe_fail_once(cfg, epoch, rank)
         if should_stop(cfg, epoch, state, data.total_steps, log):
             break
 
     unwrap(model).load_state_dict(best_weights)
+    state["throughput"] = run_throughput(state["history"], peak, peak_source, world)
     return finish(cfg, session, model, data, state, device, t_start, log,
                   test=lambda ds: evaluate(model, data, ds, device, want_embeddings=True))
 
@@ -149,10 +156,15 @@ def refresh_graph(graph, cfg: TrainConfig, epoch: int, model, data: WorkerData, 
     where the uninterrupted run would have."""
     if graph is None or not graph.refresh_due(epoch, cfg.refresh_every):
         return {}
-    d = graph.refresh(lambda rows: encode(model, data.loader_for(data.full_train, rows), device)[1].to(device),
-                      step, epoch)
+
+    def encode_shard(rows):
+        with encoding_bar(cfg, f"refresh: encode {len(rows)} docs", len(rows)) as bar:
+            return encode(model, data.loader_for(data.full_train, rows), device, progress=bar)[1].to(device)
+
+    d = graph.refresh(encode_shard, step, epoch)
     log(f"[gloss-ray] global graph ({d['graph_backend']}): refresh {d['refresh_s']:.1f}s (encode "
-        f"{d['encode_s']:.1f}s, index {d['index_s']:.2f}s, search {d['search_s']:.2f}s), recall@{cfg.global_k} "
+        f"{d['encode_s']:.1f}s, {len(data.full_train) / max(d['encode_s'], 1e-9):.0f} docs/s, index "
+        f"{d['index_s']:.2f}s, search {d['search_s']:.2f}s), recall@{cfg.global_k} "
         f"{d['recall_at_k']:.3f}, homophily {d['homophily']:.3f}"
         + (f", pseudo-label acc {d['pseudo_label_accuracy']:.3f}" if "pseudo_label_accuracy" in d else "")
         + f"; index {graph.neighbours.index.params}, bank {d['bank_bytes'] / 2**20:.0f} MiB"
@@ -162,17 +174,22 @@ def refresh_graph(graph, cfg: TrainConfig, epoch: int, model, data: WorkerData, 
 
 
 def train_epoch(cfg: TrainConfig, epoch: int, model, objective, optimizer, scheduler, data: WorkerData, device,
-                state: dict, log) -> list[float]:
+                state: dict, log, peak: float) -> tuple[list[float], dict]:
     """One pass over this rank's slices of the epoch's global batches; returns the epoch's summed
-    (total, ce, aux, steps) over all ranks. A non-finite loss or gradient skips the step on every rank."""
+    (total, ce, aux, steps) over all ranks, and its throughput: the :class:`Meter` sums of all ranks
+    (seconds: their mean) with their rates against ``peak`` per device. A step's seconds run from the
+    end of the previous step (data loading included). A non-finite loss or gradient skips the step on
+    every rank (it is still counted: the hardware did the work)."""
     model.train()
     data.sampler.set_epoch(epoch)
     sums = np.zeros(4)
+    meter = Meter(unwrap(model).encoder)
     batches = data.loader
     if cfg.progress and D.rank_and_world()[0] == 0:
         from tqdm import tqdm
 
         batches = tqdm(batches, total=data.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", mininterval=5, ncols=100)
+    t = time.perf_counter()
     for batch in batches:
         step = state["global_step"]
         with autocast(device):
@@ -180,10 +197,19 @@ def train_epoch(cfg: TrainConfig, epoch: int, model, objective, optimizer, sched
         obj, backward_loss = objective(logits, emb, batch["labels"].to(device), step, batch["index"].to(device))
         if apply_step(backward_loss, model, optimizer, scheduler, cfg.grad_clip, step, state, log):
             sums += [obj.total.item(), obj.ce.item(), obj.aux.item(), 1]
+        now = time.perf_counter()
+        this = Meter.rates(meter.add(batch["attention_mask"], now - t), peak)
+        t = now
+        if hasattr(batches, "set_postfix_str"):   # the bar shows the last step's figures
+            batches.set_postfix_str(f"{this['tokens_per_s']:.0f} tok/s, MFU {this['mfu']:.0%}", refresh=False)
         state["global_step"] += 1
         if state["global_step"] >= data.total_steps:
             break
-    return D.all_sum(sums.tolist(), device)
+    world = D.rank_and_world()[1]
+    summed = D.all_sum(sums.tolist() + [meter.sums[k] for k in Meter.FIELDS], device)
+    speed = dict(zip(Meter.FIELDS, summed[4:]))
+    speed["seconds"] /= world
+    return summed[:4], {**speed, **Meter.rates(speed, peak, world)}
 
 
 def apply_step(loss, model, optimizer, scheduler, grad_clip: float, step: int, state: dict, log) -> bool:
@@ -218,11 +244,12 @@ def evaluate(model, data: WorkerData, dataset, device, want_embeddings=False):
     return classification_metrics(labels, pred, int(labels.max()) + 1), pred, emb
 
 
-def history_row(epoch, sums, val, epoch_time, state, scheduler, objective, graph, diag) -> dict:
+def history_row(epoch, sums, val, epoch_time, state, scheduler, objective, graph, diag, speed) -> dict:
     n = max(sums[3], 1)
     row = {"epoch": epoch, "train_loss": sums[0] / n, "train_ce": sums[1] / n, "train_aux": sums[2] / n,
            "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "lr": scheduler.get_last_lr()[0],
-           **objective.log_values(state["global_step"]), "epoch_time_s": epoch_time, "elapsed_s": state["elapsed_s"]}
+           **objective.log_values(state["global_step"]), "epoch_time_s": epoch_time, "elapsed_s": state["elapsed_s"],
+           **{f"train_{k}": v for k, v in speed.items()}}
     if graph is not None:
         row.update({k: v for k, v in diag.items() if k != "graph_backend"}, lookup_s=graph.take_lookup_seconds())
     return row
@@ -239,3 +266,19 @@ def should_stop(cfg: TrainConfig, epoch: int, state: dict, total_steps: int, log
         log(f"[gloss-ray] stop: --max-steps {cfg.max_steps} reached in epoch {epoch}")
         return True
     return False
+
+
+def run_throughput(history: list[dict], peak: float, peak_source: str, world: int) -> dict:
+    """The run's training throughput from its epochs' sums in ``history`` (a resumed run's too):
+    ``train_tokens_per_s``, ``train_docs_per_s``, ``train_mfu``, ``train_padding`` and the peak used."""
+    sums = {k: sum(row.get(f"train_{k}", 0.0) for row in history) for k in Meter.FIELDS}
+    return {**{f"train_{k}": v for k, v in Meter.rates(sums, peak, world).items()},
+            "device_peak_flops": peak, "device_peak_source": peak_source}
+
+
+def encoding_bar(cfg: TrainConfig, desc: str, total: int):
+    """A progress bar over documents encoded, as the epoch's (rank 0, with ``--progress``), else a silent one."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="doc", mininterval=5, ncols=100,
+                disable=not (cfg.progress and D.rank_and_world()[0] == 0))

@@ -49,6 +49,7 @@ def finish(cfg, session, model, data, state: dict, device, t_start: float, log, 
         final["silhouette"] = silhouette(test_emb, test_labels, seed=cfg.seed) if rank == 0 else None
     graph, graph_scores = graph_prediction(cfg, model, data, state, device, log)
     final.update(graph_scores)
+    final.update(state.get("throughput", {}))     # run-level tokens/s, docs/s, MFU (gloss_ray.throughput)
     # each worker's peak resident memory (ru_maxrss: KiB on Linux), in rank order
     final["peak_rss_mb_per_worker"] = [r / 1024 for r in D.gather_objects(peak_rss_kib())]
     final["train_wall_time_s"] = state["elapsed_s"]
