@@ -6,6 +6,7 @@ softmax, ``embed``'s vectors ``SentenceTransformer(model_dir).encode``'s (see ``
 ``max_length=None`` truncates where the model was trained (and where sentence-transformers does)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -70,10 +71,24 @@ def _batches(tok, texts: list[str], max_tokens: int, max_length: int):
         yield batch
 
 
-def predict_file(model_dir, input_path, output=None, text_column="text", batch_size=64, max_length=None) -> Path:
+def predict_file(model_dir, input_path, output=None, text_column="text", batch_size=64, max_length=None,
+                 graph=False) -> Path:
+    """Labels and confidences of the texts in ``input_path``: the classifier's softmax, or with ``graph``
+    the blend of the classifier with propagation over the training corpus that the run chose on
+    validation (:mod:`gloss_ray.graph.predict`, saved by ``--graph-predict``); a folder without the
+    graph files predicts with the classifier and says so in one line."""
     texts = read_texts(input_path, text_column)
-    model, logits, _ = _run(model_dir, texts, batch_size, max_length, "predict")
+    model, logits, embs = _run(model_dir, texts, batch_size, max_length, "predict")
     prob = logits.softmax(1)
+    if graph:
+        from .graph.predict import load_graph_predictor
+
+        gp = load_graph_predictor(model_dir)
+        if gp is None:
+            print(f"[gloss-ray] {model_dir} has no graph-prediction files (train with --graph-predict): "
+                  "predicting with the classifier alone", file=sys.stderr, flush=True)
+        else:
+            prob = gp.blend_proba(logits, embs)
     names = model.label_names or [str(i) for i in range(logits.shape[1])]
     frame = pd.DataFrame({"text": texts, "label": [names[i] for i in prob.argmax(1).tolist()],
                           "confidence": prob.max(1).values.numpy()})

@@ -257,3 +257,40 @@ def test_tiny_run_with_graph_predict_writes_all_scores_and_the_graph_files(data_
     gp = load_graph_predictor(tmp_path / "graph" / "model")
     assert gp is not None and (gp.alpha, gp.k, gp.graph_k) == (m["graph_blend_alpha"], m["graph_blend_k"], m["graph_k"])
     assert gp.sigma == pytest.approx(m["graph_sigma"]) and len(gp.labels) == 96
+
+
+def test_predict_graph_uses_the_saved_blend_and_says_so_when_the_folder_has_none(saved, tmp_path, capsys):
+    """``gloss-ray predict --graph``: with graph files, the labels are the saved predictor's blend of the
+    classifier and the graph (here alpha 0: the graph alone, whose training documents are the
+    texts themselves with labels the classifier does not give); without them, the classifier's labels and
+    one line on stderr."""
+    import shutil
+
+    import pandas as pd
+
+    from gloss_ray.cli import main
+    from gloss_ray.model import TextClassifier, encode, load_tokenizer
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS) + "\n")
+    model = TextClassifier.from_pretrained(saved)
+    batch = load_tokenizer(str(saved))(TEXTS, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    logits, emb = encode(model, [batch], torch.device("cpu"))
+    flipped = 1 - logits.argmax(1)                 # the graph's labels: never the classifier's
+    folder = tmp_path / "with_graph"
+    shutil.copytree(saved, folder)
+    GraphPredictor(emb, flipped, num_classes=2, sigma=0.05, k=1, alpha=0.0).save(folder)
+
+    def labels(model_dir, *flags):
+        out = tmp_path / "out.csv"
+        assert main(["predict", "--model-dir", str(model_dir), "--input", str(texts), "--output", str(out),
+                     *flags]) == 0
+        return pd.read_csv(out)["label"].tolist()
+
+    names = ["neg", "pos"]
+    assert labels(folder) == [names[i] for i in logits.argmax(1).tolist()]           # no --graph: classifier
+    assert labels(folder, "--graph") == [names[i] for i in flipped.tolist()]        # --graph: the saved blend
+    capsys.readouterr()
+    assert labels(saved, "--graph") == [names[i] for i in logits.argmax(1).tolist()]
+    err = capsys.readouterr().err
+    assert "no graph-prediction files" in err and "classifier alone" in err
