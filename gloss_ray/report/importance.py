@@ -77,7 +77,7 @@ def parameter_effects(trials: list[dict], mode: str = "max", seed: int = 0) -> l
         if _numeric(column):
             from scipy.stats import spearmanr
 
-            rho = spearmanr(np.asarray(column, dtype=float), values).statistic
+            rho = spearmanr(np.asarray(column, dtype=float), values).statistic if np.ptp(values) > 0 else None
             effect.update(kind="numeric", spearman=float(rho) if _finite(rho) else None,
                           range=[float(min(column)), float(max(column))])
         else:
