@@ -122,8 +122,9 @@ HELP = {
     "max_steps": "stop after this many optimiser steps in all, mid-epoch if need be; the learning-rate and "
                  "lambda/sigma/k schedules end there (default: none, --epochs decides)",
     "batch_size": "documents per worker per optimiser step (global batch = batch-size x workers)",
-    "eval_batch_size": "documents per batch when encoding the validation and test splits and the global "
-                       "graph's corpus",
+    "eval_batch_size": "encoding batch size in documents of full length: validation, test and the global "
+                       "graph's corpus are encoded in length-sorted batches of at most eval-batch-size x "
+                       "max-length padded tokens (short documents share larger batches)",
     "lr": "peak learning rate of AdamW (linear warm-up, then linear decay to 0)",
     "head_lr": "learning rate of the freshly initialised classifier head (default: --lr)",
     "weight_decay": "AdamW weight decay (decoupled, per step, times the learning rate)",
@@ -209,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "predict":
             p.add_argument("--output", help="output file, one row per text (text, label, confidence): .jsonl, else "
                                             "CSV (default: the input's name with .predictions.csv)")
+            p.add_argument("--graph", action="store_true",
+                           help="predict with the blend of the classifier and label propagation over the training "
+                                "corpus's kNN graph, with the alpha and k the run chose on validation (needs a model "
+                                "trained with --graph-predict; without its graph files the classifier predicts "
+                                "alone, with one line saying so) (default: off, the classifier alone)")
         else:
             p.add_argument("--output", help="output file, one embedding per text: .parquet (text, embedding), else "
                                             "a .npy array (default: the input's name with .embeddings.npy)")
@@ -243,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "trial runs all its epochs); pbt (population-based training: every --grace-epochs epochs "
                         "the worst quarter of the trials continue from a best trial's checkpoint with mutated "
                         "lam, lam/sigma/k schedules, gamma, k, temperature, margin or global_weight; takes "
-                        "--search-alg random or grid; refused for now: Train cannot yet start a run from another "
-                        "trial's checkpoint); bohb (BOHB's HyperBand, only with --search-alg bohb) "
+                        "--search-alg random or grid; each perturbation restarts the trials' Train runs from "
+                        "checkpoints, so use several epochs); bohb (BOHB's HyperBand, only with --search-alg bohb) "
                         "(default: asha; bohb with --search-alg bohb)")
 
     p = sub.add_parser("bench", help="fixed configurations x seeds, no search (e.g. to reproduce the paper's table)")
@@ -325,9 +331,10 @@ def cmd_train(args) -> int:
 def cmd_predict_embed(args) -> int:
     from .inference import embed_file, predict_file
 
+    kwargs = {"graph": args.graph} if args.command == "predict" else {}
     fn = predict_file if args.command == "predict" else embed_file
     out = fn(args.model_dir, args.input, args.output, text_column=args.text_column, batch_size=args.batch_size,
-             max_length=args.max_length)
+             max_length=args.max_length, **kwargs)
     print(f"wrote {out}")
     return 0
 

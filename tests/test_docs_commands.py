@@ -268,3 +268,19 @@ def test_every_flag_named_in_the_readme_exists():
     assert named, "no flags found in the README"
     unknown = sorted(named - known)
     assert not unknown, f"README names flags that no gloss-ray subcommand has: {unknown}"
+
+
+def test_the_readmes_first_command_installs_then_runs_gloss_ray():
+    """CI and a new user run the README's first command as written: the first line of a shell block
+    that names gloss-ray (``.ci/readme_command.py``). It must be ``<install> && gloss-ray train ...``
+    -- a ``git clone ... gloss-ray`` line there would be taken for it and fail on its placeholder."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_command", REPO / ".ci" / "readme_command.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cmd = mod.first_command(str(REPO / "README.md"))
+    install, _, run = cmd.rpartition("&&")
+    assert install.strip().startswith("pip install -e"), cmd
+    assert shlex.split(run)[:2] == ["gloss-ray", "train"], cmd
+    _strict(build_parser()).parse_args(shlex.split(run)[1:])

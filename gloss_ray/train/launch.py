@@ -91,25 +91,32 @@ def auto_cpus_per_worker(workers: int, runs_at_once: int = 1) -> float:
     return float(max(1, int(cpus // workers)))
 
 
+START_CHECKPOINT = "_start_checkpoint"   # the train_loop_config key of fit's start_checkpoint (not a TrainConfig field)
+
+
 def _worker(config: dict) -> None:
     import torch
 
     from .loop import train
     from .session import RaySession
 
-    cfg = TrainConfig.from_dict(config)
+    start_checkpoint = config.get(START_CHECKPOINT)
+    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k != START_CHECKPOINT})
     # PyTorch's intra-op threads = the CPUs this worker reserved (Ray's OMP_NUM_THREADS default is
     # the reservation rounded down, 1 for fractions; set it explicitly either way).
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker or 1)))
-    train(cfg, RaySession(join(cfg.storage, cfg.name)))
+    train(cfg, RaySession(join(cfg.storage, cfg.name), start_checkpoint))
 
 
-def fit(cfg: TrainConfig, callbacks: list | None = None) -> dict:
+def fit(cfg: TrainConfig, callbacks: list | None = None, start_checkpoint=None) -> dict:
     """Run (or resume) one fine-tuning job on Ray Train; returns the run's ``metrics.json``.
     ``cfg`` is not changed: paths are resolved, the name and CPUs chosen, on a copy.
 
     ``callbacks`` go to ``RunConfig(callbacks=...)`` (e.g. Ray Tune's ``TuneReportCallback`` when a
-    Tune trial launches this trainer, so per-epoch metrics reach the scheduler)."""
+    Tune trial launches this trainer, so per-epoch metrics reach the scheduler).
+    ``start_checkpoint`` (a ``ray.train.Checkpoint`` of a gloss-ray run): a new run starts from it
+    -- epoch, weights, optimizer, schedule and history -- with ``cfg``'s settings (a PBT trial
+    continuing another trial's checkpoint); the run's own checkpoints take over once it has one."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -130,7 +137,7 @@ def fit(cfg: TrainConfig, callbacks: list | None = None) -> dict:
     storage_path, storage_fs = ray_storage(root)
     trainer = TorchTrainer(
         _worker,
-        train_loop_config=cfg.to_dict(),
+        train_loop_config={**cfg.to_dict(), **({START_CHECKPOINT: start_checkpoint} if start_checkpoint else {})},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=cfg.name,

@@ -58,10 +58,16 @@ class LocalSession:
 
 
 class RaySession:
-    """Inside a Ray Train worker: Train's device, DDP wrapping, checkpoints and reports."""
+    """Inside a Ray Train worker: Train's device, DDP wrapping, checkpoints and reports.
 
-    def __init__(self, run_dir: str):
+    ``start_checkpoint`` (a ``ray.train.Checkpoint``) is where a new run starts when Train has no
+    checkpoint of its own yet: a PBT trial continuing another trial's checkpoint with a mutated
+    configuration (Ray Train V2 has no ``resume_from_checkpoint``). Once the run has reported a
+    checkpoint, a restarted worker resumes from the run's own latest one instead."""
+
+    def __init__(self, run_dir: str, start_checkpoint=None):
         self.run_dir = run_dir
+        self.start_checkpoint = start_checkpoint
 
     def device(self) -> torch.device:
         import ray.train.torch
@@ -76,7 +82,7 @@ class RaySession:
     def checkpoint_dir(self) -> str | None:
         import ray.train
 
-        ckpt = ray.train.get_checkpoint()
+        ckpt = ray.train.get_checkpoint() or self.start_checkpoint
         if ckpt is None:
             return None
         return ckpt.to_directory(tempfile.mkdtemp(prefix="gloss_ray_restore_"))
