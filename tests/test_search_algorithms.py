@@ -168,35 +168,102 @@ def test_each_search_algorithm_and_scheduler_runs_and_the_report_names_them(ray_
         assert methods == [{"benchmark": "mr", "loss": "gloss", "search_alg": alg, "scheduler": sched}]
 
 
+def test_synchronous_pbt_never_perturbs_a_last_epoch_nor_leaves_trials_waiting_on_an_ended_one():
+    """The scheduler alone (no Ray cluster): trial S ends after epoch 2, L runs 4, perturbing every 2
+    epochs. S's last epoch is no perturbation point (it goes on, to its end); L, waiting paused at the
+    synchronisation point for S, runs again once S has ended (Ray 2.60 alone would wait forever)."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.schedulers.pbt import _PBTTrialState
+
+    from gloss_ray.sweep.search import SynchronousPBT
+
+    class FakeTrial:                  # what PopulationBasedTraining reads of a trial here
+        PAUSED = Trial.PAUSED
+
+        def __init__(self, name, epochs):
+            self.trial_id = self.experiment_tag = name
+            self.config, self.status, self.num_failures = {"lam": 0.5, "epochs": epochs}, Trial.RUNNING, 0
+
+        def is_finished(self):
+            return self.status == Trial.TERMINATED
+
+    short, long_ = FakeTrial("S", 2), FakeTrial("L", 4)
+    controller = type("C", (), {"get_trials": lambda self: [short, long_],
+                                "get_live_trials": lambda self: [t for t in (short, long_) if not t.is_finished()]})()
+    pbt = SynchronousPBT(time_attr="epoch", metric="train_loss", mode="min", perturbation_interval=2,
+                         hyperparam_mutations={"lam": [0.3, 0.5, 0.7]}, synch=True, last_epoch=4)
+    for t in (short, long_):
+        pbt._trial_state[t] = _PBTTrialState(t)
+    result = lambda epoch: {"epoch": epoch, "train_loss": 1.0 / epoch}  # noqa: E731
+    assert pbt.on_trial_result(controller, long_, result(1)) == TrialScheduler.CONTINUE
+    assert pbt.on_trial_result(controller, short, result(1)) == TrialScheduler.CONTINUE
+    assert pbt.on_trial_result(controller, short, result(2)) == TrialScheduler.CONTINUE    # its last epoch
+    assert pbt.on_trial_result(controller, long_, result(2)) == TrialScheduler.PAUSE       # waits for S
+    long_.status = Trial.PAUSED
+    assert pbt.choose_trial_to_run(controller) is None
+    pbt.on_trial_complete(controller, short, result(2))
+    short.status = Trial.TERMINATED
+    assert pbt.choose_trial_to_run(controller) is long_
+
+
 @pytest.mark.skipif(not algorithms.pbt_supported(), reason="--scheduler pbt needs gloss_ray.train.launch.fit("
                     "start_checkpoint=...): Ray Train 2.60 refuses resume_from_checkpoint")
 def test_pbt_continues_the_worse_trial_from_the_better_ones_checkpoint(ray_local, base, tmp_path):
-    """PBT, 2 trials x 3 epochs, perturbing after every epoch (synchronously): once both reached
-    epoch 1, the worse one goes on from a copy of the better one's checkpoint with a mutated lam
-    (lr, not mutable, copied): its next Train run (run-1) starts from the better trial's epoch 1."""
+    """PBT, 2 trials x 2 epochs, perturbing after every epoch but the last (synchronously): once both
+    reported epoch 1, the worse one goes on from a copy of the better one's checkpoint with a mutated
+    lam (lr, not mutable, copied): its next Train run (run-1) starts at the donor's epoch 1 (its
+    history restored from the donor's checkpoint), and its epoch 2 is trained with the new configuration."""
     from gloss_ray.report.collect import tune_result_rows
-    from gloss_ray.sweep.search import _remove_trial_checkpoints
+    from gloss_ray.sweep.search import _remove_trial_checkpoints, run_folders
 
-    records, sweep = _search(tmp_path, base, SPACE, "random", "pbt", samples=2, epochs=3, keep_checkpoints=True)
+    records, sweep = _search(tmp_path, base, SPACE, "random", "pbt", samples=2, epochs=2, keep_checkpoints=True)
     exp = sweep / "search" / "mr__gloss"
     assert len(records) == 2 and {(t["search_alg"], t["scheduler"]) for t in records} == {("random", "pbt")}
-    assert all(t["status"] == "TERMINATED" and t["iterations"] == 3 for t in records), records
+    assert all(t["status"] == "TERMINATED" and t["iterations"] == 2 for t in records), records
     rows = {d.name: tune_result_rows(d) for d in exp.iterdir() if (d / "result.json").exists()}
-    by_tag = {r[0]["experiment_tag"]: tid for tid, r in rows.items()}
+    assert sorted(rows) == [t["trial_id"] for t in records]
+    # Tune's trial state: trial id -> experiment tag, "<tag>@perturbed[lam=...]" once PBT exploited it;
+    # pbt_global.txt names the trials by the tag they started with
+    state = json.loads(sorted(exp.glob("experiment_state-*.json"))[-1].read_text())
+    tags = {d["trial_id"]: d["experiment_tag"] for d in (json.loads(t[0]) for t in state["trial_data"])}
+    by_tag = {tag.split("@perturbed[")[0]: tid for tid, tag in tags.items()}
     steps = [json.loads(line) for line in (exp / "pbt_global.txt").read_text().splitlines()]
-    assert steps, "PBT exploited no trial"
-    target_tag, donor_tag, target_epoch, donor_epoch, donor_config, new = steps[0]
+    assert len(steps) == 1, steps            # after epoch 1 only: epoch 2 is the last, never perturbed
+    # [target tag, donor tag, their training_iteration as Ray logs it (see SynchronousPBT), donor config, new]
+    target_tag, donor_tag, _, _, donor_config, new = steps[0]
     target, donor = by_tag[target_tag], by_tag[donor_tag]
-    assert target_epoch == donor_epoch == 1
+    assert tags[target].startswith(f"{target_tag}@perturbed[") and tags[donor] == donor_tag
+
+    # epoch 1, as PBT saw it: both reported, each with its own config; the donor's train_loss (min) is better
+    assert [[r["epoch"] for r in rows[t]] for t in (target, donor)] == [[1, 2], [1, 2]]
+    own_1, donor_1 = rows[target][0], rows[donor][0]
+    assert donor_1["train_loss"] < own_1["train_loss"]
+    assert donor_1["config"] == donor_config != own_1["config"]
+    assert own_1["lam"] == pytest.approx(own_1["config"]["lam"])        # the objective's lam is the config's
     assert new["lam"] != donor_config["lam"] and 0.2 <= new["lam"] <= 0.8 and new["lr"] == donor_config["lr"]
-    donor_1, own_1 = ([r for r in rows[t] if r["epoch"] == 1][0] for t in (donor, target))
-    assert own_1["train_loss"] != donor_1["train_loss"]
-    # run-1's first checkpoint: the donor's epoch 1 restored, then its own epoch 2
-    first = json.loads(sorted((exp / target / "run-1").glob("checkpoint_*/state.json"))[0].read_text())
-    assert first["epoch"] == 2 and first["history"][0]["train_loss"] == pytest.approx(donor_1["train_loss"], rel=1e-9)
-    assert first["history"][0]["val_macro_f1"] == pytest.approx(donor_1["val_macro_f1"], rel=1e-9)
-    after = [r for r in rows[target] if r["epoch"] == 2][-1]
-    assert after["config"]["lam"] == pytest.approx(new["lam"]) and after["config"]["lr"] == pytest.approx(new["lr"])
+
+    # the target's run-1 started from a copy of the donor's epoch-1 checkpoint, the donor's from its own
+    # (synchronous PBT pauses every trial at the round); nothing restarted them after the last epoch
+    assert run_folders(str(exp / target)) == run_folders(str(exp / donor)) == ["run", "run-1"]
+    def first_state(t):
+        return json.loads(sorted((exp / t / "run-1").glob("checkpoint_*/state.json"))[0].read_text())
+
+    for t in (target, donor):
+        first = first_state(t)
+        assert first["epoch"] == 2 and [h["epoch"] for h in first["history"]] == [1, 2]
+        assert first["history"][0]["train_loss"] == pytest.approx(donor_1["train_loss"], rel=1e-9)
+        assert first["history"][0]["val_macro_f1"] == pytest.approx(donor_1["val_macro_f1"], rel=1e-9)
+    assert first_state(target)["history"][0]["train_loss"] != own_1["train_loss"]
+
+    # epoch 2 of the target: trained with the new configuration (the objective's lam is the new one)
+    own_2 = rows[target][1]
+    assert own_2["config"] == new and own_2["lam"] == pytest.approx(new["lam"])
+    assert own_2["train_loss"] == pytest.approx(first_state(target)["history"][1]["train_loss"], rel=1e-9)
+    # each trial's record, params.json and last result carry the configuration its last epoch ran with
+    for rec in records:
+        params = json.loads((exp / rec["trial_id"] / "params.json").read_text())
+        assert rec["config"] == params == rows[rec["trial_id"]][-1]["config"]
 
     _remove_trial_checkpoints("mr x gloss", [type("R", (), {"path": str(exp / t)})() for t in rows])
     assert [p for p in exp.rglob("checkpoint_*") if p.is_dir()] == []      # Train's and Tune's

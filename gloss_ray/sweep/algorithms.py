@@ -23,8 +23,9 @@ scheduler     what decides, per epoch, whether a trial goes on
               trials continue from a copy of a best-quarter trial's checkpoint with mutated values
               of the parameters that can change mid-run (:data:`PBT_MUTABLE`: lambda and the
               lambda / sigma / k schedules, gamma, k, ...); with ``random`` or ``grid`` only (Ray
-              refuses a search algorithm beside PBT). Refused until ``gloss_ray.train.launch.fit``
-              takes ``start_checkpoint`` (:func:`pbt_supported`)
+              refuses a search algorithm beside PBT); never at a trial's last epoch
+              (:class:`gloss_ray.sweep.search.SynchronousPBT`). Needs
+              ``gloss_ray.train.launch.fit(start_checkpoint=...)`` (:func:`pbt_supported`)
 ``bohb``      ``HyperBandForBOHB``: the only scheduler of ``--search-alg bohb`` (its default there)
 ============  =====================================================================================
 
@@ -197,9 +198,12 @@ def scheduler(sched: str, metric: str, mode: str, *, max_epochs: int, grace_epoc
                                            reduction_factor=ASHA_REDUCTION)
     if sched == "pbt":
         mutations, ranges = pbt_mutations(spec)
-        return schedulers.PopulationBasedTraining(
+        from .search import SynchronousPBT
+
+        return SynchronousPBT(
             time_attr="epoch", metric=metric, mode=mode, perturbation_interval=grace_epochs,
-            hyperparam_mutations=mutations, custom_explore_fn=functools.partial(_clip, ranges), synch=True)
+            hyperparam_mutations=mutations, custom_explore_fn=functools.partial(_clip, ranges), synch=True,
+            last_epoch=max_epochs)
     return schedulers.ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=max_epochs,
                                     grace_period=min(grace_epochs, max_epochs), reduction_factor=ASHA_REDUCTION)
 

@@ -28,6 +28,7 @@ import threading
 import pyarrow.fs as pafs
 from ray.train import UserCallback
 from ray.tune import Callback
+from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 
 from ..storage import exists, filesystem, join, read_json, remove_checkpoints, write_json
 from . import algorithms
@@ -134,6 +135,62 @@ def _pbt_trial(config: dict, base: dict, registry: str, exp_dir: str) -> None:
             tune.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
     if "error" in outcome:
         raise outcome["error"]
+
+
+class SynchronousPBT(PopulationBasedTraining):
+    """Ray Tune's synchronous ``PopulationBasedTraining`` with two fixes for trials that end:
+
+    * a trial's last epoch (its ``epochs``, else ``last_epoch``) is never a perturbation point: a
+      trial exploited there would restart from the donor's final checkpoint with a configuration it
+      never trains with, and Tune would give it the donor's last result (its record would carry the
+      donor's metrics and a config that produced none of its own);
+    * when a trial ends (finished, stopped early by its own patience or --max-steps, failed, removed)
+      while every other live trial waits, paused, at the synchronisation point, the perturbation
+      round runs then: Ray 2.60 runs it on a trial's result only, so those trials would wait forever
+      (no trial left to report; ``choose_trial_to_run`` picks none of them).
+
+    ``pbt_global.txt`` (Ray's log of each exploit: target tag, donor tag, their
+    ``training_iteration``, the donor's config, the new config) names the trials by their original
+    experiment tags and takes the iterations from ``trial.last_result``, which Tune updates only
+    after the scheduler has seen the result: the trial whose result completed the round shows its
+    previous iteration (0 at the first round), not the epoch it was perturbed at."""
+
+    def __init__(self, *args, last_epoch: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._last_epoch = int(last_epoch)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        last = int(trial.config.get("epochs", self._last_epoch))
+        if result.get(self._time_attr, -1) >= last:
+            return TrialScheduler.CONTINUE      # the trial ends with this epoch: nothing to perturb
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def _ended(self, tune_controller, trial) -> None:
+        state = self._trial_state.get(trial)
+        if not self._synch or state is None:
+            return
+        # Tune calls this while the trial still counts as live: take it out of the round and of
+        # the synchronisation (it can neither clone nor be cloned any more).
+        state.last_score, state.last_train_time = None, max(state.last_train_time, self._next_perturbation_sync)
+        others = [t for t in tune_controller.get_live_trials() if t is not trial]
+        waiting = [t for t in others if t.status == t.PAUSED and self._trial_state[t].last_result is not None
+                   and self._trial_state[t].last_train_time >= self._next_perturbation_sync]
+        if waiting and len(waiting) == len(others):
+            first = waiting[0]        # the round Ray runs on the result that completes a synchronisation
+            super().on_trial_result(tune_controller, first, self._trial_state[first].last_result)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        super().on_trial_complete(tune_controller, trial, result)
+        self._ended(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial):
+        super().on_trial_error(tune_controller, trial)
+        if not trial.should_recover():              # else Tune retries it (--max-failures)
+            self._ended(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller, trial):
+        super().on_trial_remove(tune_controller, trial)
+        self._ended(tune_controller, trial)
 
 
 def _trial_dirname(trial) -> str:
