@@ -80,6 +80,30 @@ def upload_dir(local_dir: str | Path, dest: str) -> None:
     pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
+REPORT_INPUTS = ("metrics.json", "history.csv", "trials.json")   # what the report reads, besides plots/*.png
+
+
+def fetch_report_inputs(uri: str, local: str | Path) -> int:
+    """Copy the files the report reads from the results at ``uri`` (s3:// / gs://) into the local
+    folder ``local``: every metrics.json, history.csv and trials.json and the runs' plots/*.png,
+    nothing inside a checkpoint or model folder. Returns how many. Used by ``tune``/``bench`` on
+    object storage and by ``jobs/report.py``."""
+    fs, root = filesystem(uri)
+    root, n = root.rstrip("/"), 0
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        parts = info.path[len(root):].lstrip("/").split("/")
+        wanted = parts[-1] in REPORT_INPUTS or (len(parts) > 1 and parts[-2] == "plots" and parts[-1].endswith(".png"))
+        if info.type != pafs.FileType.File or not wanted or any(p.startswith("checkpoint_") or p == "model"
+                                                                  for p in parts[:-1]):
+            continue
+        dest = Path(local).joinpath(*parts)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(info.path) as src:
+            dest.write_bytes(src.read())
+        n += 1
+    return n
+
+
 def exists(uri: str) -> bool:
     fs, path = _fs(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound

@@ -20,8 +20,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # jobs/finetune.py holds the helpers
 from finetune import STORAGE_ENV, load_cli, run  # noqa: E402
 
-RESULT_FILES = ("metrics.json", "history.csv", "trials.json")
-
 
 def _storage():
     """:mod:`gloss_ray.storage`, from the installed package or else from this checkout."""
@@ -29,33 +27,6 @@ def _storage():
     from gloss_ray import storage
 
     return storage
-
-
-def _wanted(rel: str) -> bool:
-    """Whether the report reads this file (path relative to the results folder): the small result
-    files and run plots, nothing inside a checkpoint."""
-    parts = rel.split("/")
-    wanted = parts[-1] in RESULT_FILES or (len(parts) > 1 and parts[-2] == "plots" and rel.endswith(".png"))
-    return wanted and not any(p.startswith("checkpoint_") for p in parts)
-
-
-def fetch_results(uri: str, local: Path) -> int:
-    """Copy the files the report reads from ``uri`` to ``local``; returns how many."""
-    import pyarrow.fs as pafs
-
-    fs, root = _storage().filesystem(uri)
-    root = root.rstrip("/")
-    n = 0
-    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
-        rel = info.path[len(root):].lstrip("/")
-        if info.type != pafs.FileType.File or not _wanted(rel):
-            continue
-        dest = local / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with fs.open_input_stream(info.path) as src, open(dest, "wb") as out:
-            out.write(src.read())
-        n += 1
-    return n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         local_results, local_out = Path(tmp) / "results", Path(tmp) / "report"
         if storage.is_uri(results):
             print(f"[gloss-ray job] fetching result files from {results}", flush=True)
-            print(f"[gloss-ray job] {fetch_results(results, local_results)} file(s) fetched", flush=True)
+            print(f"[gloss-ray job] {storage.fetch_report_inputs(results, local_results)} file(s) fetched", flush=True)
         else:
             local_results = Path(results)
         status = run("report", [str(local_results), "--out", str(local_out)], storage_option=False)

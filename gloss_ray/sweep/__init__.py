@@ -60,42 +60,15 @@ def _searches(plan: Plan, concurrency: int) -> tuple[list, list[str]]:
     return jobs, missing
 
 
-REPORT_INPUTS = ("metrics.json", "history.csv", "trials.json")   # what the report reads, besides plots/*.png
-
-
-def _fetch_results(uri: str, local) -> int:
-    """Copy the files the report reads from the sweep at ``uri`` (s3:// / gs://) into the local
-    folder ``local``: every metrics.json, history.csv and trials.json and the runs' plots/*.png,
-    nothing inside a checkpoint or model folder. Returns how many."""
-    import pyarrow.fs as pafs
-
-    from ..storage import filesystem
-
-    fs, root = filesystem(uri)
-    root, n = root.rstrip("/"), 0
-    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
-        parts = info.path[len(root):].lstrip("/").split("/")
-        wanted = parts[-1] in REPORT_INPUTS or (len(parts) > 1 and parts[-2] == "plots" and parts[-1].endswith(".png"))
-        if info.type != pafs.FileType.File or not wanted or any(p.startswith("checkpoint_") or p == "model"
-                                                                  for p in parts[:-1]):
-            continue
-        dest = local.joinpath(*parts)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with fs.open_input_stream(info.path) as src:
-            dest.write_bytes(src.read())
-        n += 1
-    return n
-
-
 def _report(sweep_dir: str) -> None:
     """Write the sweep's report into ``<sweep_dir>/report``. On object storage it is built in a
-    temporary folder from a copy of the result files (:func:`_fetch_results`), the temporary
-    paths in it replaced by the sweep's URI, and uploaded."""
+    temporary folder from a copy of the result files (:func:`~gloss_ray.storage.fetch_report_inputs`),
+    the temporary paths in it replaced by the sweep's URI, and uploaded."""
     import tempfile
     from pathlib import Path
 
     from ..report import build_report
-    from ..storage import is_uri, join, redact, upload_dir
+    from ..storage import fetch_report_inputs, is_uri, join, redact, upload_dir
 
     if not is_uri(sweep_dir):
         if next(Path(sweep_dir).glob("runs/**/metrics.json"), None) is None:
@@ -107,7 +80,7 @@ def _report(sweep_dir: str) -> None:
     dest = join(sweep_dir, "report")
     with tempfile.TemporaryDirectory(prefix="gloss_ray_report_") as tmp:
         local, out = Path(tmp) / "sweep", Path(tmp) / "report"
-        _fetch_results(sweep_dir, local)
+        fetch_report_inputs(sweep_dir, local)
         if next(local.glob("runs/**/metrics.json"), None) is None:
             log("report: no finished runs to report")
             return
