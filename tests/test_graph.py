@@ -440,8 +440,8 @@ def test_diagnostic_recall_queries_are_not_the_calibration_queries(monkeypatch, 
     monkeypatch.setattr(global_graph_mod, "tie_aware_recall", lambda v, q, *a: queries.append(q) or recall(v, q, *a))
     x, truth = clustered_unit_vectors(3000, 16, 8, rank=4, seed=6)
     g = GlobalGraph(3000, 16, truth.numpy(), truth.numpy(), 8, 8, 64, backend=backend)
-    diag = g.refresh(lambda idx: x[torch.as_tensor(idx)], 0)
-    assert calib and len(queries) == 1 and len(queries[0]) == 1000 and 0 < diag["recall_at_k"] <= 1
+    g.refresh(lambda idx: x[torch.as_tensor(idx)], 0)
+    assert calib and len(queries) == 1 and len(queries[0]) == 1000 and 0 < g.diagnostics().recall_at_k <= 1
     assert not torch.isin(queries[0], torch.cat(calib)).any()
 
 
