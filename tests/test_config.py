@@ -46,6 +46,19 @@ def test_a_word_where_a_number_is_meant_names_the_key():
         TrainConfig.from_dict({"benchmark": "mr", "head_lr": 0})
 
 
+@pytest.mark.parametrize("key, value", [("pooling", "max"), ("index", "annoy"), ("dropout", 1.5), ("seed", -1),
+                                        ("benchmark", "imdb"), ("progress", "yes"), ("text_column", ""),
+                                        ("max_train", 0), ("stage", "warmup")])
+def test_every_option_is_checked_on_the_driver(key, value):
+    """Options that were only checked on a worker (or never) fail where the config is made, naming the key."""
+    with pytest.raises(ConfigError, match=rf"^run\.yaml: {key}: must be .*, got {value!r}$"):
+        TrainConfig.from_dict({"benchmark": "mr", key: value}, source="run.yaml")
+
+
+def test_a_benchmark_name_is_read_in_any_case():
+    assert TrainConfig(benchmark="MR").benchmark == "MR"
+
+
 def test_label_fraction_works_with_every_loss_but_global_k_only_with_gloss():
     assert TrainConfig(benchmark="mr", loss="ce", label_fraction=0.2).label_fraction == 0.2
     with pytest.raises(ConfigError, match="global_k"):
@@ -79,6 +92,16 @@ def test_bench_specs_compare_batch_and_global_gloss(data_dir):
 def test_bench_global_k_option_applies_only_to_global_specs(data_dir):
     bases = base_configs(_args("global_k=8"), ["mr"], ["ce", "gloss", "gloss+global"])
     assert [d["global_k"] for d in bases.values()] == [0, 0, 8]
+
+
+def test_each_sweep_run_is_checked_with_its_own_loss(tmp_path):
+    """A base file of a CE run with a global graph is fine for G-Loss runs and refused, naming the file
+    and the loss spec, for the CE runs it would make."""
+    base = tmp_path / "base.yaml"
+    base.write_text("loss: ce\nglobal_k: 8\n")
+    assert base_configs(_args(config=str(base)), ["mr"], ["gloss"])[("mr", "gloss")]["global_k"] == 8
+    with pytest.raises(ConfigError, match=r"base\.yaml with --losses ce: global_k: the global graph feeds G-Loss"):
+        base_configs(_args(config=str(base)), ["mr"], ["ce"])
 
 
 def test_without_global_specs_the_options_apply_as_given(data_dir):

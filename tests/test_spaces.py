@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from gloss_ray.errors import ConfigError
-from gloss_ray.options import BENCHMARKS, LOSSES, OPTIONS
+from gloss_ray.config import OPTIONS
+from gloss_ray.options import BENCHMARKS, LOSSES
 from gloss_ray.sweep.spaces import KNOWN_PARAMS, Dist, decode_params, load_space, to_tune
 
 SPACE_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"

@@ -292,7 +292,7 @@ def test_final_runs_use_the_best_trial_and_match_the_report(sweep):
         for l in LOSSES:
             m = _metrics(sweep, b, l)
             best = min((t for t in _trials(sweep, b, l)), key=lambda t: t["best_metric"])   # mode: min
-            assert m["stage"] == "final" and m["seed"] == 0 and m["config"]["extra"]["trial_id"] == best["trial_id"]
+            assert m["stage"] == "final" and m["seed"] == 0 and m["config"]["trial_id"] == best["trial_id"]
             assert all(m["config"][k] == v for k, v in best["config"].items())
             row = rows[(b, l)]
             assert row["n_seeds"] == 1

@@ -120,6 +120,8 @@ def fit(cfg: TrainConfig, callbacks: list | None = None, start_checkpoint=None) 
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from .checkpoint import fail_once_env
+
     cfg = cfg.resolved()             # paths as the user meant them: workers run in other folders
     if cfg.benchmark:
         from ..download import find_or_download
@@ -149,11 +151,12 @@ def fit(cfg: TrainConfig, callbacks: list | None = None, start_checkpoint=None) 
             # ...") stay in its log files; the console gets its warnings and gloss-ray's lines.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=callbacks,
+            worker_runtime_env={"env_vars": fail_env} if (fail_env := fail_once_env()) else None,
         ),
     )
     msg = (f"[gloss-ray] run {cfg.name}: {cfg.workers} worker(s){' on GPU' if cfg.gpu else ''} x "
            f"{cfg.cpus_per_worker:g} CPU, outputs -> {run_dir}")
-    if not cfg.extra.get("stage"):      # a sweep's runs resume with the sweep's command, which says so itself
+    if cfg.stage is None:      # a sweep's runs resume with the sweep's command, which says so itself
         msg += f"\n[gloss-ray] to resume after an interruption, run the same command with --name {cfg.name}"
     print(redact(msg), flush=True)
     try:

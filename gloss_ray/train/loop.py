@@ -73,7 +73,7 @@ def train(cfg: TrainConfig, session) -> dict:
             f"val acc {val['accuracy']:.4f} macro-F1 {val['macro_f1']:.4f}{' *' if improved else ''} [{row['epoch_time_s']:.1f}s; "
             f"train {speed['tokens_per_s']:.0f} tokens/s, {speed['docs_per_s']:.1f} docs/s, MFU {speed['mfu']:.1%}]")
         checkpoint.save_and_report(session, row, state, model, optimizer, scheduler, best_weights, rank, graph)
-        checkpoint.maybe_fail_once(cfg, epoch, rank)
+        checkpoint.maybe_fail_once(epoch, rank)
         if should_stop(cfg, epoch, state, data.total_steps, log):
             break
 
