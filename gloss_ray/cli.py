@@ -23,6 +23,7 @@ import sys
 import yaml
 
 from .config import OPTIONS, PATHS_NOTE, TrainConfig
+from .data import CACHE_ENV, cache_dir
 from .options import BENCHMARKS, LOSSES
 from .errors import GlossRayError
 from .storage import redact
@@ -137,8 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder to write report.md, report.html, results.csv, results.json and "
                                  "figures/ into (default: RESULTS_DIR/report)")
 
-    from .download import add_parser as add_data_parser  # gloss-ray data download [NAME ...] [--dest DIR]
-    add_data_parser(sub)
+    data = sub.add_parser("data", help="get the benchmark corpora")
+    p = data.add_subparsers(dest="data_command", required=True).add_parser(
+        "download", help="download and convert benchmarks (default: all five)")
+    p.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks: {', '.join(BENCHMARKS)}")
+    p.add_argument("--dest", help=f"folder to write <name>/ into (default: {cache_dir()}, see ${CACHE_ENV})")
+    p.add_argument("--force", action="store_true", help="download again even if already there")
     return parser
 
 
@@ -186,11 +191,25 @@ def train_config(args) -> TrainConfig:
     return TrainConfig.from_sources(args.config, {**_train_overrides(args), "command": args.command_line})
 
 
+def fetch_data(benchmark: str | None, data_dir: str | None) -> str | None:
+    """The one place gloss-ray fetches data: on the driver, before a run or a sweep starts, a named
+    benchmark that no data folder holds (:func:`gloss_ray.data.find_benchmark`) is downloaded, with a line
+    saying so (:func:`gloss_ray.download.find_or_download`). Returns the data folder to pin in the run's
+    options (Ray workers and trials may not share the driver's environment); ``data_dir`` without a
+    benchmark."""
+    if benchmark is None:
+        return data_dir
+    from .download import find_or_download
+
+    return str(find_or_download(benchmark, data_dir))
+
+
 def cmd_train(args) -> int:
     from .train.launch import fit
     from .train.outputs import chance_note
 
     cfg = train_config(args)
+    cfg = dataclasses.replace(cfg, data_dir=fetch_data(cfg.benchmark, cfg.data_dir))
     m = fit(cfg)
     print(f"test accuracy {m.get('test_accuracy', float('nan')):.4f}  macro-F1 {m.get('test_macro_f1', float('nan')):.4f}  "
           f"best epoch {m['best_epoch']}  wall {m['wall_time_s']:.0f}s")
@@ -215,7 +234,10 @@ def cmd_sweep(args) -> int:
     from . import sweep
 
     fields = {f.name for f in dataclasses.fields(sweep.SweepOptions)}   # the sweep's flags, by name
-    return sweep.main(sweep.SweepOptions(**{k: v for k, v in vars(args).items() if k in fields}))
+    plan = sweep.make_plan(sweep.SweepOptions(**{k: v for k, v in vars(args).items() if k in fields}))
+    for base in plan.bases.values():        # every option checked; now the data, then the sweep
+        base["data_dir"] = fetch_data(base["benchmark"], base["data_dir"])
+    return sweep.main(plan)
 
 
 def cmd_report(args) -> int:
@@ -228,9 +250,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from .download import cli
+    """``gloss-ray data download``: prints each benchmark folder."""
+    from .download import download
 
-    return cli(args)
+    for folder in download(args.names, args.dest, force=args.force):
+        print(folder)
+    return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

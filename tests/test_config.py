@@ -82,14 +82,14 @@ def _args(*sets, config=None):
     return SimpleNamespace(workers=1, gpu=False, set=list(sets), config=config)
 
 
-def test_bench_specs_compare_batch_and_global_gloss(data_dir):
+def test_bench_specs_compare_batch_and_global_gloss():
     bases = base_configs(_args(), ["mr"], ["ce", "gloss", "gloss+global", "gloss+global@0.2"])
     got = {spec: (d["loss"], d["global_k"], d["label_fraction"]) for (_, spec), d in bases.items()}
     assert got == {"ce": ("ce", 0, 1.0), "gloss": ("gloss", 0, 1.0), "gloss+global": ("gloss", 16, 1.0),
                    "gloss+global@0.2": ("gloss", 16, 0.2)}
 
 
-def test_bench_global_k_option_applies_only_to_global_specs(data_dir):
+def test_bench_global_k_option_applies_only_to_global_specs():
     bases = base_configs(_args("global_k=8"), ["mr"], ["ce", "gloss", "gloss+global"])
     assert [d["global_k"] for d in bases.values()] == [0, 0, 8]
 
@@ -104,7 +104,7 @@ def test_each_sweep_run_is_checked_with_its_own_loss(tmp_path):
         base_configs(_args(config=str(base)), ["mr"], ["ce"])
 
 
-def test_without_global_specs_the_options_apply_as_given(data_dir):
+def test_without_global_specs_the_options_apply_as_given():
     bases = base_configs(_args("global_k=8"), ["mr"], ["gloss"])
     assert bases[("mr", "gloss")]["global_k"] == 8
     with pytest.raises(ConfigError, match="global_k"):
@@ -131,7 +131,7 @@ def test_head_has_its_own_learning_rate_and_every_parameter_one_group(tiny_model
     assert {g.get("lr", 1e-4) for g in same} == {1e-4}
 
 
-def test_tune_rejects_bench_specs_before_anything_runs(tmp_path, capsys, data_dir):
+def test_tune_rejects_bench_specs_before_anything_runs(tmp_path, capsys):
     from gloss_ray import cli
 
     assert cli.main(["tune", "--benchmarks", "mr", "--losses", "ce,gloss+global", "--storage", str(tmp_path)]) == 2

@@ -88,13 +88,32 @@ def test_unknown_benchmark_lists_valid_names(data_dir):
     assert "'imdb'" in str(err.value) and ", ".join(BENCHMARKS) in str(err.value)
 
 
-def test_missing_benchmark_offline_names_the_url_and_the_remedy(tmp_path, monkeypatch):
+def test_loading_a_missing_benchmark_never_downloads_and_names_the_folders_and_the_remedy(tmp_path, monkeypatch):
+    """Reading a corpus reaches no network: a benchmark that no data folder holds is a one-line error
+    naming the folders searched and the command that fetches it."""
+    from gloss_ray.data import BenchmarkMissing
+
+    monkeypatch.delenv("GLOSS_RAY_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GLOSS_RAY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GLOSS_RAY_DATA_MIRROR", "http://127.0.0.1:9/")   # a download would fail naming it
+    with pytest.raises(BenchmarkMissing) as err:
+        load_corpus("mr", data_dir=tmp_path / "mine")
+    msg = str(err.value)
+    assert str(tmp_path / "mine") in msg and str(tmp_path / "cache" / "data") in msg
+    assert "gloss-ray data download mr" in msg and "127.0.0.1:9" not in msg and "\n" not in msg
+    assert not (tmp_path / "mine").exists() and not (tmp_path / "cache").exists()
+
+
+def test_the_driver_fetch_of_a_missing_benchmark_offline_names_the_url_and_the_remedy(tmp_path, monkeypatch):
+    from gloss_ray.cli import fetch_data
+
     monkeypatch.delenv("GLOSS_RAY_DATA", raising=False)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GLOSS_RAY_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("GLOSS_RAY_DATA_MIRROR", "http://127.0.0.1:9/")   # nothing listens there
     with pytest.raises(DataError) as err:
-        load_corpus("mr", data_dir=tmp_path / "mine")
+        fetch_data("mr", str(tmp_path / "mine"))
     msg = str(err.value)
     assert "http://127.0.0.1:9/" in msg and "GLOSS_RAY_DATA" in msg and "--data-dir" in msg
     assert "\n" not in msg and not (tmp_path / "mine" / "mr").exists()

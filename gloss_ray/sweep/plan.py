@@ -109,10 +109,8 @@ def base_configs(opts: SweepOptions, benchmarks: list[str], losses: list[str]) -
     ``workers``, ``gpu`` and ``set``. A spec's ``+global`` turns the global graph on (``global_k``
     from the options, else 16); when some spec has it, the specs without it run without the global
     graph (so ``ce,gloss,gloss+global`` compares the three). ``@F`` sets ``label_fraction``. Bad
-    options, a missing benchmark or model fail here, in one line, before any run starts."""
-    from ..download import find_or_download
-    from ..train.launch import preflight
-
+    options fail here, in one line, before any run starts; the data and the model are checked by
+    :meth:`Plan.preflight`, once the driver has the data (:func:`gloss_ray.cli.fetch_data`)."""
     overrides = {"workers": opts.workers, **({"gpu": True} if opts.gpu else {}), **parse_sets(opts.set)}
     options, source = read_sources(opts.config, overrides)
     bases = {}
@@ -125,11 +123,7 @@ def base_configs(opts: SweepOptions, benchmarks: list[str], losses: list[str]) -
                 d["global_k"] = (d.get("global_k") or GLOBAL_K_DEFAULT) if glob else 0
             if frac is not None:
                 d["label_fraction"] = frac
-            cfg = TrainConfig.from_dict(d, source=f"{source} with --losses {spec}").resolved()
-            cfg.data_dir = str(find_or_download(b, cfg.data_dir))
-            if spec == losses[0]:
-                preflight(cfg)
-            bases[(b, spec)] = cfg.to_dict()
+            bases[(b, spec)] = TrainConfig.from_dict(d, source=f"{source} with --losses {spec}").resolved().to_dict()
     return bases
 
 
@@ -156,6 +150,14 @@ class Plan:
     sweep_dir: str
     search_alg: str = algorithms.DEFAULT_SEARCH_ALG
     scheduler: str = algorithms.DEFAULT_SCHEDULER
+
+    def preflight(self) -> None:
+        """Check every benchmark's data and the model on the driver (one line on a problem), before Ray
+        starts: the first loss spec's base configuration of each benchmark."""
+        from ..train.launch import preflight
+
+        for b in self.benchmarks:
+            preflight(TrainConfig.from_dict(self.bases[(b, self.losses[0])]))
 
     @property
     def stage(self) -> str:

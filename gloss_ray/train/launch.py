@@ -110,7 +110,8 @@ def _worker(config: dict) -> None:
 
 def fit(cfg: TrainConfig, callbacks: list | None = None, start_checkpoint=None) -> dict:
     """Run (or resume) one fine-tuning job on Ray Train; returns the run's ``metrics.json``.
-    ``cfg`` is not changed: paths are resolved, the name and CPUs chosen, on a copy.
+    ``cfg`` is not changed: paths are resolved, the benchmark's data folder found (never downloaded:
+    :func:`gloss_ray.cli.fetch_data` does that), the name and CPUs chosen, on a copy.
 
     ``callbacks`` go to ``RunConfig(callbacks=...)`` (e.g. Ray Tune's ``TuneReportCallback`` when a
     Tune trial launches this trainer, so per-epoch metrics reach the scheduler).
@@ -122,12 +123,11 @@ def fit(cfg: TrainConfig, callbacks: list | None = None, start_checkpoint=None) 
 
     from .checkpoint import fail_once_env
 
-    cfg = cfg.resolved()             # paths as the user meant them: workers run in other folders
-    if cfg.benchmark:
-        from ..download import find_or_download
+    from ..data import find_benchmark
 
-        # found (or downloaded) once, here; pinned: workers may not share the driver's env
-        cfg.data_dir = str(find_or_download(cfg.benchmark, cfg.data_dir))
+    cfg = cfg.resolved()             # paths as the user meant them: workers run in other folders
+    if cfg.benchmark:                # the data folder found here is pinned: workers may not share the driver's env
+        cfg.data_dir = str(find_benchmark(cfg.benchmark, cfg.data_dir))
     preflight(cfg)
     cfg.name = cfg.run_name
     root = cfg.storage
