@@ -306,11 +306,7 @@ class LegacyTextClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.pooling == "cls":
-            emb = hidden[:, 0]
-        else:
-            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            emb = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        emb = pool(hidden, attention_mask, self.pooling)
         return self.head(emb), emb
 
 
