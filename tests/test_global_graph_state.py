@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gloss_ray.graph.global_graph import GlobalGraph
-from gloss_ray.graph.synthetic import clustered_unit_vectors
+from synthetic import clustered_unit_vectors
 
 pytest.importorskip("faiss")
 
