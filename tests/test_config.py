@@ -1,4 +1,5 @@
 """TrainConfig files and options: configs/*.yaml, numbers from YAML, bench loss specs, the head's rate."""
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,12 +10,16 @@ from gloss_ray.config import TrainConfig
 from gloss_ray.errors import ConfigError
 from gloss_ray.sweep import base_configs, parse_loss_spec
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted((REPO / "configs").glob("*.yaml"))
+# the config files README.md and docs/*.md tell users to pass
+NAMED = sorted({m for doc in [REPO / "README.md", *(REPO / "docs").glob("*.md")]
+                for m in re.findall(r"configs/[\w.-]+\.yaml", doc.read_text())})
 
 
-def test_there_are_config_files():
-    assert "cpu_subset.yaml" in {p.name for p in CONFIG_FILES}
+@pytest.mark.parametrize("name", NAMED)
+def test_every_config_file_the_docs_name_makes_a_run(name):
+    assert TrainConfig.from_sources(str(REPO / name), {"benchmark": "mr"}).run_name.startswith("mr-")
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)

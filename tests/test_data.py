@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -21,15 +20,6 @@ from gloss_ray.data import (
 from gloss_ray.distributed import shard_indices
 from gloss_ray.losses import balanced_class_weights
 from gloss_ray.errors import DataError
-
-
-@pytest.fixture(scope="session")
-def data_dir() -> Path:
-    """Benchmark data: $GLOSS_RAY_DATA (conftest sets it: found, downloaded or given)."""
-    path = Path(os.environ["GLOSS_RAY_DATA"])
-    if not (path / "mr").is_dir():
-        pytest.skip(f"benchmark data not found at {path}")
-    return path
 
 
 @pytest.fixture(scope="session")
