@@ -138,13 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder to write report.md, report.html, results.csv, results.json and "
                                  "figures/ into (default: RESULTS_DIR/report)")
 
-    data = sub.add_parser("data", help="get the benchmark corpora")
+    _add_data_download(sub.add_parser("data", help="get the benchmark corpora"))
+    return parser
+
+
+def _add_data_download(data) -> None:
+    """``gloss-ray data download [NAME ...] [--dest DIR] [--force]``."""
     p = data.add_subparsers(dest="data_command", required=True).add_parser(
         "download", help="download and convert benchmarks (default: all five)")
     p.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks: {', '.join(BENCHMARKS)}")
     p.add_argument("--dest", help=f"folder to write <name>/ into (default: {cache_dir()}, see ${CACHE_ENV})")
     p.add_argument("--force", action="store_true", help="download again even if already there")
-    return parser
 
 
 def _add_sweep_options(p):
