@@ -14,8 +14,9 @@ Every ``.pt`` file is loaded with ``torch.load(weights_only=True)``: tensors and
 only. Anyone who can write to a run's storage (a shared bucket) could otherwise run code on every
 worker of the resumed run; a file holding anything else is refused with :class:`CheckpointError`.
 
-Testing hook: ``GLOSS_RAY_FAIL_ONCE_AFTER_EPOCH`` (or ``cfg.extra["fail_once_after_epoch"]``) set
-to ``"EPOCH:MARKER_FILE"`` makes rank 0 fail once, right after EPOCH's checkpoint, to exercise resume.
+Testing hook: the environment variable ``GLOSS_RAY_FAIL_ONCE_AFTER_EPOCH`` set to ``"EPOCH:MARKER_FILE"``
+makes rank 0 fail once, right after EPOCH's checkpoint, to exercise resume (the launcher hands the
+driver's value to the Ray Train workers: :func:`fail_once_env`).
 """
 from __future__ import annotations
 
@@ -131,9 +132,14 @@ def save_and_report(session, row: dict, state: dict, model, optimizer, scheduler
         session.report({k: v for k, v in row.items() if v is not None}, tmp if rank == 0 else None)
 
 
-def maybe_fail_once(cfg, epoch: int, rank: int) -> None:
+def fail_once_env() -> dict:
+    """The resume tests' hook as this process has it, for the workers' environment ({} when unset)."""
+    return {FAIL_ENV: os.environ[FAIL_ENV]} if os.environ.get(FAIL_ENV) else {}
+
+
+def maybe_fail_once(epoch: int, rank: int) -> None:
     """The resume tests' hook (module docstring): raise once after ``epoch``'s checkpoint."""
-    fail = cfg.extra.get("fail_once_after_epoch") or os.environ.get(FAIL_ENV)
+    fail = os.environ.get(FAIL_ENV)
     if not fail or rank != 0:
         return
     fail_epoch, marker = fail.split(":", 1)

@@ -73,7 +73,7 @@ def train(cfg: TrainConfig, session) -> dict:
             f"val acc {val['accuracy']:.4f} macro-F1 {val['macro_f1']:.4f}{' *' if improved else ''} [{row['epoch_time_s']:.1f}s; "
             f"train {speed['tokens_per_s']:.0f} tokens/s, {speed['docs_per_s']:.1f} docs/s, MFU {speed['mfu']:.1%}]")
         checkpoint.save_and_report(session, row, state, model, optimizer, scheduler, best_weights, rank, graph)
-        checkpoint.maybe_fail_once(cfg, epoch, rank)
+        checkpoint.maybe_fail_once(epoch, rank)
         if should_stop(cfg, epoch, state, data.total_steps, log):
             break
 
@@ -150,27 +150,23 @@ def calibrate(objective: TrainingObjective, state: dict, model, data: WorkerData
 
 
 # ---------------------------------------------------------------------------------------------- an epoch
-def refresh_graph(graph, cfg: TrainConfig, epoch: int, model, data: WorkerData, device, step: int, log) -> dict:
+def refresh_graph(graph, cfg: TrainConfig, epoch: int, model, data: WorkerData, device, step: int, log):
     """Re-encode the corpus and rebuild the global graph every ``refresh_every`` epochs (epochs 1,
-    1 + refresh_every, ...). A resumed run goes on with the graph of its checkpoint: it refreshes only
-    where the uninterrupted run would have."""
+    1 + refresh_every, ...); returns the refresh's :class:`~gloss_ray.graph.global_graph.RefreshDiagnostics`,
+    None in an epoch without one. A resumed run goes on with the graph of its checkpoint: it refreshes
+    only where the uninterrupted run would have."""
     if graph is None or not graph.refresh_due(epoch, cfg.refresh_every):
-        return {}
+        return None
 
     def encode_shard(rows):
         with encoding_bar(cfg, f"refresh: encode {len(rows)} docs", len(rows)) as bar:
             return encode(model, data.loader_for(data.full_train, rows), device, progress=bar)[1].to(device)
 
-    d = graph.refresh(encode_shard, step, epoch)
-    log(f"[gloss-ray] global graph ({d['graph_backend']}): refresh {d['refresh_s']:.1f}s (encode "
-        f"{d['encode_s']:.1f}s, {len(data.full_train) / max(d['encode_s'], 1e-9):.0f} docs/s, index "
-        f"{d['index_s']:.2f}s, search {d['search_s']:.2f}s), recall@{cfg.global_k} "
-        f"{d['recall_at_k']:.3f}, homophily {d['homophily']:.3f}"
-        + (f", pseudo-label acc {d['pseudo_label_accuracy']:.3f}" if "pseudo_label_accuracy" in d else "")
-        + f"; index {graph.neighbours.index.params}, bank {d['bank_bytes'] / 2**20:.0f} MiB"
-        + (" (one per node)" if d["bank_shared"] else "") + ", index "
-        f"~{d['index_bytes'] / 2**20:.0f} MiB, peak RSS so far {peak_rss_kib() / 1024:.0f} MB")
-    return d
+    graph.refresh(encode_shard, step, epoch)
+    diag = graph.diagnostics()
+    log(f"[gloss-ray] {diag.describe(len(data.full_train), cfg.global_k)}, "
+        f"peak RSS so far {peak_rss_kib() / 1024:.0f} MB")
+    return diag
 
 
 def train_epoch(cfg: TrainConfig, epoch: int, model, objective, optimizer, scheduler, data: WorkerData, device,
@@ -251,7 +247,7 @@ def history_row(epoch, sums, val, epoch_time, state, scheduler, objective, graph
            **objective.log_values(state["global_step"]), "epoch_time_s": epoch_time, "elapsed_s": state["elapsed_s"],
            **{f"train_{k}": v for k, v in speed.items()}}
     if graph is not None:
-        row.update({k: v for k, v in diag.items() if k != "graph_backend"}, lookup_s=graph.take_lookup_seconds())
+        row.update(diag.history() if diag is not None else {}, lookup_s=graph.take_lookup_seconds())
     return row
 
 
