@@ -26,7 +26,7 @@ from .config import TrainConfig
 from .graph.index import BACKENDS, EXACT_MAX_N
 from .model import POOLINGS
 from .options import (BENCHMARKS, CLASS_WEIGHTS, DEFAULT_MARGIN, LOSSES, MASKS, SCHEDULE_KINDS,
-                      SIGMA_STRATEGIES, VARIANTS)
+                      SIGMA_STRATEGIES, TRACKERS, VARIANTS)
 from .errors import GlossRayError
 from .storage import redact
 from .sweep.algorithms import SCHEDULERS, SEARCH_ALGS
@@ -151,6 +151,26 @@ HELP = {
     "cache_dir": "folder of the tokenisation cache: tokenised texts as Arrow files, keyed by tokenizer, max "
                  "length and texts, re-used by later runs (default: ~/.cache/gloss_ray/tokens)",
     "progress": "do not show the per-step progress bar on stderr (default: shown)",
+    # tracking and step checkpoints (gloss_ray.train.tracking)
+    "report_to": f"experiment trackers the run logs to, comma-separated, of {', '.join(TRACKERS)}, through Ray's "
+                 "integrations: parameters, per-step metrics every --log-every steps, every epoch's metrics, the "
+                 "final scores, tags (benchmark, loss, seed, git commit) and the report files as artifacts; "
+                 "tensorboard writes event files into <storage>/<name>/tensorboard; wandb follows WANDB_MODE "
+                 "(offline: files under <storage>/<name>/wandb) (default: none)",
+    "tracking_uri": "MLflow tracking URI of --report-to mlflow: a server (http://host:5000) or a database "
+                    "(sqlite:///path/mlflow.db) (default: sqlite:///<storage>/mlflow.db, artifacts in "
+                    "<storage>/mlartifacts; --storage must then be a local folder)",
+    "experiment": "MLflow experiment name / W&B project the run is logged under (default: gloss-ray; "
+                  "tune and bench: the sweep's name)",
+    "log_model": "with --report-to: also log the model folder (about 90 MB for MiniLM) as an artifact "
+                 "(default: off, only the report files)",
+    "log_every": "optimiser steps between per-step metric rows (loss and its CE and auxiliary parts, learning "
+                 "rates, lambda, sigma and k as scheduled at that step, documents/s), written to "
+                 "<storage>/<name>/steps.csv and sent to the --report-to trackers; 0 = none",
+    "checkpoint_every": "also checkpoint every this many optimiser steps inside an epoch (model, optimiser, "
+                        "the batch sampler's position and every random stream), so a run killed mid-epoch "
+                        "resumes at its last step checkpoint without repeating or skipping a batch; not in "
+                        "tune's trials (default: none, a checkpoint at the end of every epoch only)",
 }
 
 
@@ -297,6 +317,17 @@ def _add_sweep_options(p):
                    help="run on GPUs, one per worker (default: CPU); not yet run on a GPU, tested on CPU only")
     p.add_argument("--concurrency", type=int, default=None,
                    help="runs (trials) at a time (default: as many as the cluster's GPUs, or CPUs, hold)")
+    p.add_argument("--report-to", default=None, metavar="TRACKERS",
+                   help=f"experiment trackers every run of the sweep logs to, comma-separated, of {', '.join(TRACKERS)}: "
+                        "as gloss-ray train --report-to; MLflow gets one run per trial and per final / bench run, "
+                        "all under one experiment named after the sweep (--set experiment=NAME to change it), "
+                        "and the sweep's report as artifacts of one more run; --set log_every=N sets the steps "
+                        "between per-step metric rows, --set log_model=true adds each run's model folder "
+                        "(default: none)")
+    p.add_argument("--tracking-uri", default=None, metavar="URI",
+                   help="MLflow tracking URI with --report-to mlflow: a server (http://host:5000) or a database "
+                        "(sqlite:///path/mlflow.db) (default: sqlite:///<storage>/mlflow.db, artifacts in "
+                        "<storage>/mlartifacts; --storage must then be a local folder)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep finished runs' and trials' Train checkpoints, about 350 MB each for MiniLM "
                         "(default: deleted once a run's metrics are written; models and metrics stay)")

@@ -14,7 +14,7 @@ import yaml
 
 from .errors import ConfigError
 from .losses.sigma import SigmaStrategy
-from .options import DEFAULT_MARGIN, OPTIONS, dense_to_none, load_yaml
+from .options import DEFAULT_MARGIN, OPTIONS, dense_to_none, load_yaml, report_to
 from .schedules import Schedule
 from .storage import absolute, is_uri
 
@@ -89,6 +89,13 @@ class TrainConfig:
     max_failures: int = 2
     cache_dir: str | None = None
     progress: bool = True
+    # experiment tracking, per-step metrics and step checkpoints (issue 24; gloss_ray.train.tracking)
+    report_to: str | None = None      # comma-separated trackers: mlflow, tensorboard, wandb (None: none)
+    tracking_uri: str | None = None   # MLflow store or server (None: sqlite:///<storage>/mlflow.db)
+    experiment: str | None = None     # MLflow experiment / W&B project (None: gloss-ray; a sweep: its name)
+    log_model: bool = False           # also log the model folder as a tracker artifact
+    log_every: int = 10               # optimiser steps between per-step metric rows (0: none)
+    checkpoint_every: int | None = None  # optimiser steps between step checkpoints (None: per epoch only)
     extra: dict = field(default_factory=dict)
     source: InitVar[str] = "config"   # where the values came from, named in error messages
 
@@ -118,6 +125,10 @@ class TrainConfig:
         for key in ("graph_predict", "graph_transductive"):
             if not isinstance(getattr(self, key), bool):
                 bad(key, f"must be true or false, got {getattr(self, key)!r}")
+        try:
+            report_to(self.report_to)
+        except ValueError as e:
+            bad("report_to", str(e))
         if self.graph_transductive and not self.graph_predict:
             bad("graph_transductive", "is a mode of graph prediction: give --graph-predict too")
         try:
@@ -129,6 +140,11 @@ class TrainConfig:
                 Schedule.parse(getattr(self, key))
             except ConfigError as e:
                 bad(key, str(e))
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        """``report_to`` as a tuple of tracker names (empty: none)."""
+        return report_to(self.report_to)
 
     @property
     def margin_value(self) -> float:

@@ -31,10 +31,11 @@ LOSSES = ("ce", "gloss", "scl", "triplet", "contrastive")
 DEFAULT_MARGIN = {"triplet": 5.0, "contrastive": 1.0}   # of the margin losses; 1.0 otherwise
 CLASS_WEIGHTS = ("balanced", "none")
 DENSE = "dense"     # k: the dense batch graph (None)
+TRACKERS = ("mlflow", "tensorboard", "wandb")   # --report-to (gloss_ray.train.tracking)
 
 __all__ = ["BENCHMARKS", "BENCHMARK_LABELS", "CLASS_WEIGHTS", "DEFAULT_MARGIN", "DENSE", "LOSSES", "MASKS",
-           "OPTIONS", "SCHEDULE_KINDS", "SIGMA_STRATEGIES", "VARIANTS", "Option", "check", "dense_to_none",
-           "load_yaml"]
+           "OPTIONS", "SCHEDULE_KINDS", "SIGMA_STRATEGIES", "TRACKERS", "VARIANTS", "Option", "check",
+           "dense_to_none", "load_yaml", "report_to"]
 
 
 # --------------------------------------------------------------------------- value checks
@@ -145,12 +146,30 @@ OPTIONS: dict[str, Option] = {
                               searchable=False),
     "gpus_per_worker": Option(number(0, 1, lo_open=True), "GPUs each worker reserves with --gpu, in (0, 1]",
                               searchable=False),
+    # tracking and step checkpoints
+    "log_every": Option(number(0, integer=True), "optimiser steps between per-step metric rows, >= 0 (0: none)",
+                        integer=True, searchable=False),
+    "checkpoint_every": Option(number(1, integer=True, nullable="per epoch only"),
+                               "optimiser steps between step checkpoints", integer=True, searchable=False),
 }
 
 
 def check(name: str, value: Any) -> None:
     """Raise ``ValueError(reason)`` when ``value`` is not a valid ``name``."""
     OPTIONS[name].check(value)
+
+
+def report_to(value: Any) -> tuple[str, ...]:
+    """``--report-to``: ``"mlflow,tensorboard"`` (or a YAML list) -> ``("mlflow", "tensorboard")``;
+    None or ``"none"`` -> ``()``. An unknown name raises ``ValueError`` naming the choices."""
+    if value is None or value == "none":
+        return ()
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    names = tuple(dict.fromkeys(str(x).strip() for x in items if str(x).strip()))
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown or not names:
+        raise ValueError(f"must be a comma-separated list of {', '.join(TRACKERS)} (or none), got {value!r}")
+    return names
 
 
 def dense_to_none(name: str, value: Any) -> Any:

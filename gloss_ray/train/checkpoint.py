@@ -1,14 +1,23 @@
 """A run's checkpoint: what a resumed run needs to go on exactly where it stopped.
 
-One checkpoint per epoch, written by rank 0 into a temporary folder and handed to the session
-(Ray Train uploads it to the run's storage and keeps the last two)::
+One checkpoint per epoch, and with ``--checkpoint-every N`` one every N optimiser steps inside an
+epoch (:func:`save_step`), written by rank 0 into a temporary folder and handed to the session (Ray
+Train uploads it to the run's storage and keeps the last two)::
 
-    model.safetensors    the weights after this epoch
-    best.safetensors     the best-validation weights, when they are not this epoch's
+    model.safetensors    the weights after this epoch (or step)
+    best.safetensors     the best-validation weights, when they are not the model's
     optimizer.pt         optimiser and learning-rate scheduler
     rng.pt               every rank's random streams: torch (CPU, CUDA), numpy's and python's
     graph.pt             the global document graph's state, with ``--global-k``
-    state.json           epoch, step, history, best epoch and score, sigma, skipped steps, time
+    state.json           epoch, step, history, per-step rows, best epoch and score, sigma, skipped
+                         steps, time; a step checkpoint's ``partial``: the epoch in progress
+
+A step checkpoint's ``partial`` says how far into epoch ``epoch + 1`` the run is: ``batches`` (the
+global batches trained on: :class:`~gloss_ray.data.GlobalBatchSampler` resumes after them, its order
+being a function of the seed and epoch alone), ``epoch_time_s``, the epoch's global-graph refresh
+figures (``diag``) and every rank's sums so far (``ranks``: losses, throughput, the per-step window).
+With the random streams, the optimiser and the graph, a run killed after it goes on with exactly the
+batches, dropout masks and updates of the run left alone: no batch repeated or skipped.
 
 Every ``.pt`` file is loaded with ``torch.load(weights_only=True)``: tensors and plain containers
 only. Anyone who can write to a run's storage (a shared bucket) could otherwise run code on every
@@ -42,7 +51,7 @@ class CheckpointError(GlossRayError):
 
 
 def new_state() -> dict:
-    return {"epoch": 0, "global_step": 0, "history": [], "best_epoch": 0, "best_val_macro_f1": -1.0,
+    return {"epoch": 0, "global_step": 0, "history": [], "steps": [], "best_epoch": 0, "best_val_macro_f1": -1.0,
             "sigma": None, "skipped_steps": 0, "elapsed_s": 0.0}
 
 
@@ -92,7 +101,7 @@ def restore(ckpt_dir: str, model, optimizer, scheduler, device, graph=None) -> t
     this rank's random streams; returns ``(state, best weights)``. A rank that the checkpoint has no
     random streams for (a run resumed on more workers) keeps its freshly seeded ones."""
     ck = Path(ckpt_dir)
-    state = json.loads((ck / "state.json").read_text())
+    state = {**new_state(), **json.loads((ck / "state.json").read_text())}   # older checkpoints: no "steps"
     unwrap(model).load_state_dict(load_file(ck / "model.safetensors"))
     opt = load_tensors(ck / "optimizer.pt", device)
     optimizer.load_state_dict(opt["optimizer"])
@@ -100,7 +109,10 @@ def restore(ckpt_dir: str, model, optimizer, scheduler, device, graph=None) -> t
     if graph is not None and (ck / "graph.pt").exists():
         graph.load_state_dict(load_tensors(ck / "graph.pt", "cpu"))
     best_file = ck / "best.safetensors"
-    best = load_file(best_file) if best_file.exists() else weights_cpu(model)
+    if best_file.exists():
+        best = load_file(best_file)
+    else:           # the model's own weights, or none yet (a step checkpoint in the first epoch)
+        best = weights_cpu(model) if state["best_epoch"] else None
     rank = D.rank_and_world()[0]
     if (ck / "rng.pt").exists() and rank < len(streams := load_tensors(ck / "rng.pt", "cpu")):
         set_rng_state(streams[rank])
@@ -110,7 +122,7 @@ def restore(ckpt_dir: str, model, optimizer, scheduler, device, graph=None) -> t
 def _write(folder: Path, state: dict, model, optimizer, scheduler, best_weights: dict, rngs: list[dict],
            graph_state: dict | None) -> None:
     save_file({k: v.contiguous() for k, v in weights_cpu(model).items()}, folder / "model.safetensors")
-    if state["best_epoch"] != state["epoch"]:
+    if best_weights is not None and (state["best_epoch"] != state["epoch"] or "partial" in state):
         save_file({k: v.contiguous() for k, v in best_weights.items()}, folder / "best.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, folder / "optimizer.pt")
     torch.save(rngs, folder / "rng.pt")
@@ -129,6 +141,17 @@ def save_and_report(session, row: dict, state: dict, model, optimizer, scheduler
             _write(Path(tmp), state, model, optimizer, scheduler, best_weights, rngs,
                    graph.state_dict() if graph is not None else None)
         session.report({k: v for k, v in row.items() if v is not None}, tmp if rank == 0 else None)
+
+
+def save_step(run, partial: dict, mine: dict) -> None:
+    """A step checkpoint inside an epoch (``--checkpoint-every``): the epoch checkpoint's files, with
+    ``partial`` (``batches``, ``epoch_time_s``, ``diag``) and every rank's sums ``mine`` gathered
+    into ``state["partial"]`` (module docstring). Every rank calls it at the same step."""
+    state = {**run.state, "partial": {**partial, "ranks": D.gather_objects(mine)}}
+    report = {"global_step": state["global_step"], "epoch_progress": state["epoch"] + partial["batches"] /
+              run.data.steps_per_epoch}
+    save_and_report(run.session, report, state, run.model, run.optimizer, run.scheduler, run.best_weights,
+                    run.rank, run.graph)
 
 
 def maybe_fail_once(cfg, epoch: int, rank: int) -> None:
