@@ -116,7 +116,7 @@ def base_configs(opts: SweepOptions, benchmarks: list[str], losses: list[str]) -
     from ..train.launch import preflight
 
     overrides = {"workers": opts.workers, **({"gpu": True} if opts.gpu else {}),
-                 **{k: v for k, v in (("report_to", opts.report_to), ("tracking_uri", opts.tracking_uri)) if v},
+                 **{k: v for k in ("report_to", "tracking_uri") if (v := getattr(opts, k, None))},
                  **parse_sets(opts.set)}
     bases = {}
     specs = {spec: parse_loss_spec(spec) for spec in losses}

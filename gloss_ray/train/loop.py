@@ -8,6 +8,13 @@ ranks take together; backward, clip, step. Each epoch: validation over the whole
 (sharded, gathered), a checkpoint (:mod:`.checkpoint`) and early stopping on validation macro-F1.
 Every step is counted (:mod:`gloss_ray.throughput`): real tokens/s, documents/s and MFU per epoch in
 the history, over the run in ``state["throughput"]``, and live on the progress bar.
+
+Every ``log_every`` steps a per-step row (:func:`step_row`: loss and its parts, learning rates, lambda,
+sigma and k as scheduled at that step, documents/s) goes to ``state["steps"]`` (``steps.csv``) and to
+the run's trackers (:mod:`.tracking`, ``--report-to``), as does each epoch's history row. Every
+``checkpoint_every`` steps inside an epoch a step checkpoint (:func:`.checkpoint.save_step`) saves the
+epoch in progress, from which :func:`run_epoch` resumes after a kill without repeating or skipping a batch.
+The parts the steps share travel together in a :class:`Run`.
 """
 from __future__ import annotations
 

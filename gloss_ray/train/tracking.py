@@ -220,7 +220,9 @@ class MlflowTracker:
         return self.run.info.run_id
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        self.mlflow.log_metrics(_numbers(metrics), step=step)
+        """Queued: MLflow's asynchronous logging writes them from its own thread, so the training
+        step does not wait for the store (benchmarks/tracking_overhead.py); :meth:`finish` flushes."""
+        self.mlflow.log_metrics(_numbers(metrics), step=step, synchronous=False)
 
     def log_artifacts(self, items: dict) -> None:
         for name, path in items.items():
@@ -230,6 +232,7 @@ class MlflowTracker:
                 self.mlflow.log_artifact(str(path))
 
     def finish(self, failed: bool) -> None:
+        self.mlflow.flush_async_logging()
         self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
 
 
