@@ -265,10 +265,12 @@ class WandbTracker:
     def __init__(self, cfg, run_dir: str, key: str):
         from ray.air.integrations.wandb import setup_wandb
 
-        os.makedirs(run_dir, exist_ok=True)
+        local = None if is_uri(run_dir) else run_dir         # W&B's own files: on this node's disk
+        if local:
+            os.makedirs(local, exist_ok=True)
         self.run = setup_wandb(params_of(cfg), rank_zero_only=False, project=cfg.experiment,
                                trial_id=hashlib.sha1(key.encode()).hexdigest()[:16], trial_name=cfg.name,
-                               group=cfg.extra.get("stage", "train"), dir=run_dir, resume="allow",
+                               group=cfg.extra.get("stage", "train"), dir=local, resume="allow",
                                tags=[f"{k}:{v}" for k, v in tags_of(cfg, key).items()
                                      if k in ("benchmark", "loss", "seed", "stage")] + [f"git:{cfg.extra.get('git_commit', '')[:12]}"])
 
