@@ -5,7 +5,7 @@ per-step row every ``--log-every`` steps, against the same run with no tracker, 
     python benchmarks/tracking_overhead.py                       # MR slice, all-MiniLM-L6-v2, CPU
     python benchmarks/tracking_overhead.py --repeats 3 --log-every 10
 
-Two measures, per training step:
+Three measures, per training step:
 
 * **in the loop**: the seconds spent inside the trackers' per-step and per-epoch calls
   (``Trackers.log_metrics``, timed around the real calls) over the run's steps, as a share of the
@@ -13,6 +13,10 @@ Two measures, per training step:
 * **side by side**: the mean step time (history.csv's ``train_seconds`` over the steps; a step's
   seconds include the tracker calls made before it) of tracked and untracked runs, alternated
   ``--repeats`` times. On a shared machine its noise can exceed the overhead; it is the cross-check.
+
+* **synchronous, for comparison**: one synchronous ``mlflow.log_metrics`` of a per-step row to the
+  same store, timed ``--sync-calls`` times, over ``--log-every`` steps: what the loop would pay if it
+  waited for the store (gloss-ray queues its metrics with MLflow's asynchronous logging instead).
 
 The one-off costs of a tracked run -- starting the MLflow run (``setup_mlflow``: store, experiment,
 parameters) and logging the report files at the end -- are reported apart: they do not grow with
@@ -47,6 +51,23 @@ def timed(cls, name: str, sink: list[float]) -> None:
     setattr(cls, name, wrapper)
 
 
+def sync_probe(tracking_uri: str, calls: int, steps_csv: Path) -> float:
+    """Seconds of one *synchronous* ``mlflow.log_metrics`` of a per-step row (the first row of
+    ``steps_csv``) to the same store, the mean of ``calls``: what the loop would wait for at each
+    per-step row if gloss-ray did not queue its metrics (MLflow's asynchronous logging)."""
+    import mlflow
+
+    row = {f"step/{k}": float(v) for k, v in next(csv.DictReader(open(steps_csv))).items() if v and k != "step"}
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("gloss-ray")
+    with mlflow.start_run(run_name="sync-probe"):
+        mlflow.log_metrics(row, step=0, synchronous=True)           # warm: the run's first write
+        t = time.perf_counter()
+        for i in range(calls):
+            mlflow.log_metrics(row, step=i + 1, synchronous=True)
+        return (time.perf_counter() - t) / max(calls, 1)
+
+
 def main() -> None:
     from gloss_ray.config import TrainConfig
     from gloss_ray.train import tracking
@@ -61,6 +82,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--log-every", type=int, default=10, help="steps between per-step rows")
     ap.add_argument("--repeats", type=int, default=2, help="tracked/untracked pairs, alternated")
+    ap.add_argument("--sync-calls", type=int, default=20, help="synchronous log calls timed for comparison")
     ap.add_argument("--model", default=None, help="encoder (default: the packaged all-MiniLM-L6-v2)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=None)
@@ -92,6 +114,7 @@ def main() -> None:
                          "tracker_calls": len(in_loop) - calls, "tracker_s": sum(in_loop[calls:]), "wall_s": wall})
             print(f"{name}: {steps} steps, {runs[-1]['step_s']:.3f} s/step, tracker calls "
                   f"{runs[-1]['tracker_calls']} taking {runs[-1]['tracker_s']:.3f} s, wall {wall:.0f} s", flush=True)
+    sync_s = sync_probe(f"sqlite:///{tmp}/mlflow.db", args.sync_calls, tmp / f"none-0" / "steps.csv")
     load_after = os.getloadavg()
 
     plain = [r["step_s"] for r in runs if not r["tracked"]]
@@ -108,6 +131,7 @@ def main() -> None:
         "side_by_side_overhead": side / step - 1,
         "tracker_s_per_step": per_step, "in_loop_overhead": per_step / step,
         "tracker_s_per_call": statistics.mean(in_loop) if in_loop else None,
+        "sync_log_s_per_call": sync_s, "sync_overhead": sync_s / args.log_every / step,
         "mlflow_start_s": statistics.mean(starts) if starts else None,
         "report_artifacts_s": statistics.mean(ends) if ends else None,
         "runs": runs, "load_average_before": load_before, "load_average_after": load_after,
@@ -118,6 +142,8 @@ def main() -> None:
     print(f"| no tracking | {step:.3f} | - | - |")
     print(f"| MLflow every {args.log_every} steps | {side:.3f} | {per_step:.4f} | in the loop "
           f"{result['in_loop_overhead']:.2%}, side by side {result['side_by_side_overhead']:+.2%} |")
+    print(f"| (synchronous logging, for comparison) | | {sync_s / args.log_every:.4f} | "
+          f"{result['sync_overhead']:.2%} |")
     print(f"one-off: MLflow run start {result['mlflow_start_s']:.1f} s, report artifacts "
           f"{result['report_artifacts_s']:.1f} s; load average {load_before} -> {load_after}")
     out = Path(args.out or Path(__file__).parent / "results" / "tracking_overhead_cpu.json")

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from gloss_ray.data import GlobalBatchSampler
 
@@ -83,6 +84,32 @@ def test_a_run_killed_mid_epoch_resumes_at_its_step_checkpoint_and_ends_as_the_r
     import torch
 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.ray
+def test_two_ray_train_workers_resume_a_failed_run_at_its_step_checkpoint(ray_local, data_dir, tiny_model_dir,
+                                                                           tmp_path):
+    """Under Ray Train with two workers (each with its own dropout stream and sums): a worker failing
+    right after the step checkpoint of step 8 (epoch 2, batch 2) is restarted by Ray from it, and the
+    run's per-step and epoch losses are those of the run left alone."""
+    from gloss_ray.config import TrainConfig
+    from gloss_ray.train.launch import fit
+
+    def cfg(name, **extra):
+        d = _config(data_dir, tiny_model_dir, tmp_path, name)
+        return TrainConfig(**{**d, "batch_size": BATCH // 2, "workers": 2, "max_failures": 1}, extra=extra)
+
+    fit(cfg("whole"))
+    marker = tmp_path / "failed-once"
+    fit(cfg("failed", fail_once_after_step=f"8:{marker}"))
+    assert marker.exists()                                  # it really failed, after step 8
+    steps, whole = _rows(tmp_path / "failed" / "steps.csv"), _rows(tmp_path / "whole" / "steps.csv")
+    assert [int(r["step"]) for r in steps] == list(range(1, 13))
+    for key in ("train_loss", "train_ce", "train_aux", "lam", "lr"):
+        assert [float(r[key]) for r in steps] == pytest.approx([float(r[key]) for r in whole], rel=1e-5), key
+    failed_h, whole_h = _rows(tmp_path / "failed" / "history.csv"), _rows(tmp_path / "whole" / "history.csv")
+    assert [float(r["train_loss"]) for r in failed_h] == pytest.approx([float(r["train_loss"]) for r in whole_h],
+                                                                      rel=1e-5)
 
 
 if __name__ == "__main__":              # one run, in a subprocess of the test above

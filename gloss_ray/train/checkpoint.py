@@ -24,7 +24,8 @@ only. Anyone who can write to a run's storage (a shared bucket) could otherwise 
 worker of the resumed run; a file holding anything else is refused with :class:`CheckpointError`.
 
 Testing hook: ``GLOSS_RAY_FAIL_ONCE_AFTER_EPOCH`` (or ``cfg.extra["fail_once_after_epoch"]``) set
-to ``"EPOCH:MARKER_FILE"`` makes rank 0 fail once, right after EPOCH's checkpoint, to exercise resume.
+to ``"EPOCH:MARKER_FILE"`` makes rank 0 fail once, right after EPOCH's checkpoint, to exercise resume;
+``cfg.extra["fail_once_after_step"] = "STEP:MARKER_FILE"`` the same after the step checkpoint of STEP.
 """
 from __future__ import annotations
 
@@ -152,14 +153,16 @@ def save_step(run, partial: dict, mine: dict) -> None:
               run.data.steps_per_epoch}
     save_and_report(run.session, report, state, run.model, run.optimizer, run.scheduler, run.best_weights,
                     run.rank, run.graph)
+    maybe_fail_once(run.cfg, state["global_step"], run.rank, unit="step")
 
 
-def maybe_fail_once(cfg, epoch: int, rank: int) -> None:
-    """The resume tests' hook (module docstring): raise once after ``epoch``'s checkpoint."""
-    fail = cfg.extra.get("fail_once_after_epoch") or os.environ.get(FAIL_ENV)
+def maybe_fail_once(cfg, epoch: int, rank: int, unit: str = "epoch") -> None:
+    """The resume tests' hook (module docstring): raise once after ``epoch``'s checkpoint; with
+    ``unit="step"``, after the step checkpoint of that global step (``cfg.extra["fail_once_after_step"]``)."""
+    fail = cfg.extra.get(f"fail_once_after_{unit}") or (os.environ.get(FAIL_ENV) if unit == "epoch" else None)
     if not fail or rank != 0:
         return
     fail_epoch, marker = fail.split(":", 1)
     if int(fail_epoch) == epoch and not os.path.exists(marker):
         Path(marker).write_text("failed once\n")
-        raise RuntimeError(f"{FAIL_ENV}: simulated worker failure after epoch {epoch}")
+        raise RuntimeError(f"{FAIL_ENV}: simulated worker failure after {unit} {epoch}")
