@@ -106,7 +106,10 @@ def train(cfg: TrainConfig, session) -> dict:
         final = finish(cfg, session, model, data, state, device, t_start, log,
                        test=lambda ds: evaluate(model, data, ds, device, want_embeddings=True), trackers=run.trackers)
     except BaseException:
-        run.trackers.finish(failed=True)
+        try:                        # the run's own error is the one to raise
+            run.trackers.finish(failed=True)
+        except Exception as e:      # noqa: BLE001
+            log(f"[gloss-ray] could not mark the tracked run failed: {type(e).__name__}: {e}")
         raise
     run.trackers.finish()
     return final
