@@ -115,6 +115,8 @@ def prepare(cfg) -> None:
 
 
 def fill_defaults_cfg(cfg) -> None:
+    """:func:`fill_defaults` on a TrainConfig (in place): a ``train`` run's experiment is ``gloss-ray``,
+    its store beside its ``--storage``."""
     d = fill_defaults({"report_to": cfg.report_to, "experiment": cfg.experiment, "tracking_uri": cfg.tracking_uri},
                       cfg.storage, DEFAULT_EXPERIMENT)
     cfg.experiment, cfg.tracking_uri = d["experiment"], d["tracking_uri"]
