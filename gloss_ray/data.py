@@ -3,6 +3,10 @@
 * :func:`load_corpus` reads a benchmark (``<data_dir>/<name>/{train,validation,test}.parquet``),
   user files (CSV / JSON lines / Parquet) or a Hugging Face hub dataset into a :class:`Corpus`:
   texts plus integer label ids into one vocabulary, the sorted class names of the training split.
+* :func:`find_benchmark` says which data folder holds a benchmark: ``data_dir``, ``$GLOSS_RAY_DATA``,
+  ``./data``, then the user cache (:func:`cache_dir`). It never downloads: a benchmark in none of them
+  is an error naming them; ``gloss-ray data download`` (:mod:`gloss_ray.download`) fetches it, as
+  ``gloss-ray train`` / ``bench`` / ``tune`` do on the driver before they start.
 * :func:`tokenize_split` tokenises a list of texts once and caches the result on disk as an
   Arrow dataset, keyed by the tokenizer, ``max_length`` and the caller's key.
 * :class:`PadCollator` pads a batch to its longest sequence (dynamic padding).
@@ -32,12 +36,13 @@ import torch
 
 
 from .errors import DataError
-from .options import BENCHMARKS
+from .options import BENCHMARKS, SPLITS
 from .storage import file_info, is_file, is_uri, join, object_fingerprint, open_input
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
+DATA_ENV = "GLOSS_RAY_DATA"            # a folder holding <name>/{train,validation,test}.parquet
+CACHE_ENV = "GLOSS_RAY_CACHE"          # gloss_ray's cache root; data lives in <root>/data
 
 VALIDATION_FRACTION = 0.1  # share of train carved out when no validation split is given
 _HUB_VALIDATION_NAMES = ("validation", "val", "dev")
@@ -268,14 +273,49 @@ def _check_sources(benchmark, train_file, validation_file, test_file, hf_dataset
         )
 
 
+class BenchmarkMissing(DataError):
+    """A benchmark that none of the local data folders holds (:func:`find_benchmark`)."""
+
+
+def cache_dir() -> Path:
+    """The user data cache: ``$GLOSS_RAY_CACHE/data``, default ``~/.cache/gloss_ray/data``."""
+    root = os.environ.get(CACHE_ENV) or Path("~", ".cache", "gloss_ray")
+    return (Path(root).expanduser() / "data").resolve()
+
+
+def search_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The local folders searched for a benchmark, in order: ``data_dir`` (if given), ``$GLOSS_RAY_DATA``
+    (if set), ``./data`` (the earlier default), then the user cache (:func:`cache_dir`)."""
+    given = (data_dir, os.environ.get(DATA_ENV), "data")
+    return [Path(p).expanduser().resolve() for p in given if p] + [cache_dir()]
+
+
+def find_benchmark(name: str, data_dir: str | os.PathLike | None = None) -> Path | str:
+    """The data folder holding ``<name>/train.parquet``, among :func:`search_roots`; a ``data_dir`` on
+    object storage (``s3://``, ``gs://``) is returned as is (a string) when it holds the benchmark. Never
+    downloads: a benchmark in no local folder raises :class:`BenchmarkMissing` naming them."""
+    name = name.lower()
+    if name not in BENCHMARKS:
+        raise DataError(f"unknown benchmark '{name}' (valid: {', '.join(BENCHMARKS)})")
+    if data_dir is not None and is_uri(data_dir):
+        try:
+            file_info(join(str(data_dir), name, "train.parquet"))
+        except DataError as exc:
+            raise DataError(f"{exc}; a data dir on object storage must hold {name}/{{train,validation,test}}"
+                            f".parquet (get them with `gloss-ray data download {name}`, then copy them there)") from None
+        return str(data_dir)
+    roots = search_roots(data_dir)
+    for root in roots:
+        if (root / name / "train.parquet").is_file():
+            return root
+    raise BenchmarkMissing(f"benchmark {name}: not found in {', '.join(map(str, roots))}; get it with "
+                           f"`gloss-ray data download {name}` (gloss-ray train, bench and tune download it themselves)")
+
+
 def _benchmark_paths(benchmark: str, data_dir) -> tuple[str, dict]:
     """A benchmark's name and split -> Parquet path (train always; the others where they exist)."""
     name = benchmark.lower()
-    if name not in BENCHMARKS:
-        raise DataError(f"unknown benchmark '{benchmark}' (valid: {', '.join(BENCHMARKS)})")
-    from .download import find_or_download
-
-    folder = join(str(find_or_download(name, data_dir)), name)  # data_dir (a URI as is), $GLOSS_RAY_DATA, ./data, cache; else download
+    folder = join(str(find_benchmark(name, data_dir)), name)
     paths = {s: join(folder, f"{s}.parquet") for s in SPLITS}
     return name, {s: p for s, p in paths.items() if s == "train" or is_file(p)}
 

@@ -28,8 +28,9 @@ digest of their ``sha256sum`` listing). A benchmark is built in a hidden tempora
 its destination and renamed into place when complete.
 
 Public API: :func:`download` (``names``, ``dest``) and :func:`find_or_download` (``name``,
-``data_dir``; searches ``data_dir``, ``$GLOSS_RAY_DATA``, ``./data``, the user cache, then downloads).
-The user cache is ``$GLOSS_RAY_CACHE/data``, default ``~/.cache/gloss_ray/data``. Mirrors:
+``data_dir``; :func:`gloss_ray.data.find_benchmark` searches ``data_dir``, ``$GLOSS_RAY_DATA``, ``./data``,
+the user cache; then it downloads). The user cache is ``$GLOSS_RAY_CACHE/data``, default
+``~/.cache/gloss_ray/data``. The ``gloss-ray data download`` parser is in :mod:`gloss_ray.cli`. Mirrors:
 ``$GLOSS_RAY_DATA_MIRROR`` (or ``mirror=``) is a URL prefix replacing ``https://``, e.g.
 ``http://127.0.0.1:8000`` fetches ``http://127.0.0.1:8000/raw.githubusercontent.com/<owner>/...``;
 ``file:///path`` works too. Failures raise :class:`~gloss_ray.errors.DataError` with one line
@@ -38,7 +39,6 @@ naming the URL or file. Progress goes to stderr, one line per file (per class fo
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import io
@@ -55,13 +55,11 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Mapping
 
-from .data import SPLITS
-from .options import BENCHMARKS
+from .data import DATA_ENV, BenchmarkMissing, cache_dir, find_benchmark, search_roots
 from .errors import DataError
+from .options import BENCHMARKS, SPLITS
 
-DATA_ENV = "GLOSS_RAY_DATA"            # a folder holding <name>/{train,validation,test}.parquet
 MIRROR_ENV = "GLOSS_RAY_DATA_MIRROR"   # URL prefix replacing "https://"
-CACHE_ENV = "GLOSS_RAY_CACHE"          # gloss_ray's cache root; data lives in <root>/data
 
 GLOSS = "https://raw.githubusercontent.com/saditya13/G-Loss/38d01f613b379c86641f27b8f28ba9c82486b44e/data/"
 TEXTGCN = "https://raw.githubusercontent.com/yao8839836/text_gcn/962223652e9bb164ac2d83cd09fc7b8845ce860b/"
@@ -102,43 +100,20 @@ WORKERS = 8           # parallel downloads of the Ohsumed test files
 # --------------------------------------------------------------------------- folders
 
 
-def cache_dir() -> Path:
-    """The user data cache: ``$GLOSS_RAY_CACHE/data``, default ``~/.cache/gloss_ray/data``."""
-    root = os.environ.get(CACHE_ENV) or Path("~", ".cache", "gloss_ray")
-    return (Path(root).expanduser() / "data").resolve()
-
-
-def _has(root: Path, name: str) -> bool:
-    return (root / name / "train.parquet").is_file()
-
-
 def find_or_download(name: str, data_dir: str | os.PathLike | None = None) -> Path | str:
-    """The root folder holding ``<name>/train.parquet``, downloading the benchmark if needed.
-
-    Looks in ``data_dir`` (if given), then ``$GLOSS_RAY_DATA`` (if set), then ``./data`` (the
-    earlier default), then the user cache (:func:`cache_dir`). If none has it, it is downloaded
-    into ``data_dir`` when the caller named one (where the user asked for the data), else into
-    the user cache. A ``data_dir`` on object storage (``s3://``, ``gs://``) is returned as is (a
-    string) when it holds ``<name>/train.parquet``; nothing is downloaded into a bucket.
+    """The data folder holding ``<name>/train.parquet`` (:func:`gloss_ray.data.find_benchmark`: ``data_dir``,
+    ``$GLOSS_RAY_DATA``, ``./data``, the user cache), downloading the benchmark when none holds it: into
+    ``data_dir`` when the caller named one (where the user asked for the data), else into the user cache,
+    with one line saying so. Nothing is downloaded into a bucket (a ``data_dir`` on object storage must
+    hold the benchmark). gloss-ray calls it in one place, on the driver: :func:`gloss_ray.cli.fetch_data`.
     """
-    from .storage import file_info, is_uri, join
-
     name = _check_names([name])[0]
-    if data_dir is not None and is_uri(data_dir):
-        train = join(str(data_dir), name, "train.parquet")
-        try:
-            file_info(train)
-        except DataError as exc:
-            raise DataError(f"{exc}; a data dir on object storage must hold {name}/{{train,validation,test}}"
-                            f".parquet (get them with `gloss-ray data download {name}`, then copy them there)") from None
-        return str(data_dir)
-    env = os.environ.get(DATA_ENV)
-    roots = [Path(p).expanduser().resolve() for p in (data_dir, env, "data") if p] + [cache_dir()]
-    for root in roots:
-        if _has(root, name):
-            return root
-    dest = roots[0] if data_dir else cache_dir()
-    _say(f"{name}: not found in {', '.join(map(str, roots))}; downloading into {dest}")
+    try:
+        return find_benchmark(name, data_dir)
+    except BenchmarkMissing:
+        pass
+    dest = search_roots(data_dir)[0] if data_dir else cache_dir()
+    _say(f"{name}: not found in {', '.join(map(str, search_roots(data_dir)))}; downloading into {dest}")
     download([name], dest)
     return dest
 
@@ -398,23 +373,3 @@ def _20ng(fetcher: _Fetcher) -> Splits:
 
 _BUILDERS = {"mr": _csv_benchmark("mr"), "r8": _csv_benchmark("r8"), "r52": _csv_benchmark("r52"),
              "ohsumed": _ohsumed, "20ng": _20ng}
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_parser(sub) -> None:
-    """Add ``data download`` to the ``gloss-ray`` subcommands ``sub``."""
-    data = sub.add_parser("data", help="get the benchmark corpora")
-    actions = data.add_subparsers(dest="data_command", required=True)
-    p = actions.add_parser("download", help="download and convert benchmarks (default: all five)")
-    p.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks: {', '.join(BENCHMARKS)}")
-    p.add_argument("--dest", help=f"folder to write <name>/ into (default: {cache_dir()}, see ${CACHE_ENV})")
-    p.add_argument("--force", action="store_true", help="download again even if already there")
-
-
-def cli(args: argparse.Namespace) -> int:
-    """Run ``gloss-ray data download``; prints each benchmark folder."""
-    for folder in download(args.names, args.dest, force=args.force):
-        print(folder)
-    return 0

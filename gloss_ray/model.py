@@ -306,11 +306,7 @@ class LegacyTextClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.pooling == "cls":
-            emb = hidden[:, 0]
-        else:
-            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            emb = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        emb = pool(hidden, attention_mask, self.pooling)
         return self.head(emb), emb
 
 
@@ -403,15 +399,14 @@ def encode(model: nn.Module, batches, device, rows: int | None = None, progress=
     documents of a batch do not enter a document's outputs, but the batch's shape does: its padded
     length (masked, so zero-weighted) and its row count change the blocking, hence the summation
     order, of the attention and of the matmuls -- even a document encoded alone differs from itself
-    in a batch. Measured on CPU, all-MiniLM-L6-v2, 256 MR documents, sorted vs corpus-order batches
-    of 64: 150 of 256 embeddings bit-identical, the others within 1.4e-6 (embedding) and 6e-8
-    (logit); tests/test_encode.py bounds it at 1e-5. Nothing a metric sees.
+    in a batch: tests/test_encode.py bounds the difference at 1e-5 (the measured one: docs/benchmarks.md,
+    section 8). Nothing a metric sees.
 
     Each batch's outputs are copied into two buffers, allocated once when the row count is known,
     else grown by doubling: a list of small per-batch tensors kept between the batches' large, freed
-    activations fragments glibc's heap (a worker encoding 50k documents grew by ~1 GB a minute, 290
-    KB per document at length 64, without holding a reference to anything), and a CLS embedding is
-    a view that would keep its batch's whole hidden state alive."""
+    activations fragments glibc's heap (a worker's memory grew without it holding a reference to
+    anything: docs/benchmarks.md, section 8), and a CLS embedding is a view that would keep its batch's
+    whole hidden state alive."""
     net = unwrap(model)
     net.eval()
     total = rows if rows is not None else _row_count(batches)

@@ -10,17 +10,10 @@ from pathlib import Path
 import yaml
 
 from .model import DEFAULT_MODEL, resolve_model_path
-from .options import DENSE
+from .options import DENSE, GLOBAL_GRAPH_OPTIONS, LOSS_INFO
 from .storage import redact
 
 MINILM_HUB = "sentence-transformers/all-MiniLM-L6-v2"
-LOSS_NAMES = {
-    "ce": "cross-entropy",
-    "gloss": "G-Loss (graph-guided loss: label propagation over the batch's document graph)",
-    "scl": "supervised contrastive loss (SCL)",
-    "triplet": "batch-all triplet loss",
-    "contrastive": "contrastive (pairwise margin) loss",
-}
 
 
 def _base_model(cfg) -> tuple[str, str | None]:
@@ -34,21 +27,15 @@ def _base_model(cfg) -> tuple[str, str | None]:
 
 
 def loss_settings(cfg) -> dict:
-    """The hyper-parameters that define the training objective, for this loss."""
-    s: dict = {"class_weights": cfg.class_weights}
-    if cfg.loss == "ce":
-        return s
-    s.update(lam=cfg.lam, lam_schedule=cfg.lam_schedule)
-    if cfg.loss == "gloss":
-        s.update(gamma=cfg.gamma, sigma=cfg.sigma, sigma_schedule=cfg.sigma_schedule, k=cfg.k if cfg.k is not None else DENSE,
-                 k_schedule=cfg.k_schedule, variant=cfg.variant, mask=cfg.mask)
-        if cfg.global_k > 0:
-            s.update(global_k=cfg.global_k, global_max_nodes=cfg.global_max_nodes, global_weight=cfg.global_weight,
-                     refresh_every=cfg.refresh_every, index=cfg.index)
-    elif cfg.loss == "scl":
-        s.update(temperature=cfg.temperature)
-    else:
-        s.update(margin=cfg.margin_value)
+    """The hyper-parameters that define the training objective, for this loss
+    (:data:`gloss_ray.options.LOSS_INFO`: what each loss reads)."""
+    loss = LOSS_INFO[cfg.loss]
+    names = ("class_weights", *loss.options, *(GLOBAL_GRAPH_OPTIONS if loss.global_graph and cfg.global_k > 0 else ()))
+    s = {name: getattr(cfg, name) for name in names}
+    if "k" in s and s["k"] is None:
+        s["k"] = DENSE
+    if "margin" in s:
+        s["margin"] = cfg.margin_value
     return {k: v for k, v in s.items() if v is not None}
 
 
@@ -127,7 +114,7 @@ def _description(cfg, metrics: dict, title: str, base_text: str) -> str:
     return f"""# {title}
 
 A text classifier fine-tuned from **{base_text}** with gloss-ray and
-{LOSS_NAMES.get(cfg.loss, cfg.loss)}. The same folder is a transformers sequence classifier
+{LOSS_INFO[cfg.loss].title}. The same folder is a transformers sequence classifier
 (`id2label` = the class names) and a sentence-transformers model whose embeddings are the
 document embeddings the loss was applied to.
 
@@ -147,9 +134,11 @@ Model selection: {best}.
 def _training(cfg, metrics: dict, base_text: str, data_text: str) -> str:
     """How it was trained: base model, objective, data, optimisation, the loss's settings, the
     command and the full configuration."""
-    command = cfg.extra.get("command")
+    from .config import OPTIONS
+
+    command = cfg.command
     settings = "\n".join(f"| `{k}` | `{v}` |" for k, v in loss_settings(cfg).items())
-    config_yaml = yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k != "extra"}, sort_keys=False)
+    config_yaml = yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if OPTIONS[k].flag}, sort_keys=False)
     objective = ("cross-entropy only" if cfg.loss == "ce" else
                  f"`(1 - lam) * cross-entropy + lam * {cfg.loss}` on the pooled document embeddings of each global batch")
     return f"""## Training

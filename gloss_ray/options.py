@@ -1,45 +1,79 @@
-"""Every name and range an option can take, defined once.
+"""Every name and range an option can take, and what each loss reads, defined once.
 
-The CLI, YAML configs (:class:`gloss_ray.config.TrainConfig`), search spaces
-(:mod:`gloss_ray.sweep.spaces`) and the report read them from here. Names that belong to the maths
+:class:`gloss_ray.config.TrainConfig` declares each option in one line with :func:`option` (its
+default, its check, its ``--help`` text); the CLI, YAML configs, search spaces
+(:mod:`gloss_ray.sweep.spaces`) and the report read them from there. Names that belong to the maths
 stay with it and are re-exported: sigma strategies (:mod:`gloss_ray.losses.sigma`), G-Loss variants
-and masks (:mod:`gloss_ray.losses.gloss`), schedule kinds (:mod:`gloss_ray.schedules`).
+and masks (:mod:`gloss_ray.losses.gloss`), schedule kinds (:mod:`gloss_ray.schedules`), poolings
+(:mod:`gloss_ray.model`) and kNN index backends (:mod:`gloss_ray.graph.index`).
 
-    >>> from gloss_ray.options import check
-    >>> check("gamma", 0.7)          # fine
-    >>> check("gamma", 1.0)
+    >>> number(0, 1, True, True)(0.7)          # fine
+    >>> number(0, 1, True, True)(1.0)
     Traceback (most recent call last):
     ...
     ValueError: must be a number in (0, 1)
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import yaml
 
+from .graph.index import BACKENDS
 from .losses.gloss import MASKS, VARIANTS
 from .losses.sigma import NAMES as SIGMA_STRATEGIES
+from .model import POOLINGS
 from .schedules import KINDS as SCHEDULE_KINDS
 
 BENCHMARKS = ("mr", "r8", "r52", "ohsumed", "20ng")
 BENCHMARK_LABELS = {"mr": "MR", "r8": "R8", "r52": "R52", "ohsumed": "Ohsumed", "20ng": "20NG"}
-LOSSES = ("ce", "gloss", "scl", "triplet", "contrastive")
-DEFAULT_MARGIN = {"triplet": 5.0, "contrastive": 1.0}   # of the margin losses; 1.0 otherwise
+SPLITS = ("train", "validation", "test")       # a corpus's splits, <benchmark>/<split>.parquet on disk
 CLASS_WEIGHTS = ("balanced", "none")
+INDEXES = ("auto", *BACKENDS)
+STAGES = ("trial", "final", "bench")            # a sweep's kinds of run
 DENSE = "dense"     # k: the dense batch graph (None)
 TRACKERS = ("mlflow", "tensorboard", "wandb")   # --report-to (gloss_ray.train.tracking)
 
-__all__ = ["BENCHMARKS", "BENCHMARK_LABELS", "CLASS_WEIGHTS", "DEFAULT_MARGIN", "DENSE", "LOSSES", "MASKS",
-           "OPTIONS", "SCHEDULE_KINDS", "SIGMA_STRATEGIES", "TRACKERS", "VARIANTS", "Option", "check",
-           "dense_to_none", "load_yaml", "report_to"]
+
+@dataclass(frozen=True)
+class Loss:
+    """What a loss is and reads: its name in the model card, the options that shape it (besides
+    ``class_weights``, which every loss reads), its default ``margin`` and whether the global document
+    graph (:data:`GLOBAL_GRAPH_OPTIONS`) feeds it."""
+    title: str
+    options: tuple[str, ...] = ()
+    margin: float | None = None
+    global_graph: bool = False
+
+
+_AUX = ("lam", "lam_schedule")      # every auxiliary loss is weighted by lam: (1 - lam) * CE + lam * aux
+LOSS_INFO: dict[str, Loss] = {
+    "ce": Loss("cross-entropy"),
+    "gloss": Loss("G-Loss (graph-guided loss: label propagation over the batch's document graph)",
+                  _AUX + ("gamma", "sigma", "sigma_schedule", "k", "k_schedule", "variant", "mask"), global_graph=True),
+    "scl": Loss("supervised contrastive loss (SCL)", _AUX + ("temperature",)),
+    "triplet": Loss("batch-all triplet loss", _AUX + ("margin",), margin=5.0),
+    "contrastive": Loss("contrastive (pairwise margin) loss", _AUX + ("margin",), margin=1.0),
+}
+GLOBAL_GRAPH_OPTIONS = ("global_k", "global_max_nodes", "global_weight", "refresh_every", "index")
+LOSSES = tuple(LOSS_INFO)
+DEFAULT_MARGIN = {name: loss.margin for name, loss in LOSS_INFO.items() if loss.margin is not None}
+
+__all__ = ["BENCHMARKS", "BENCHMARK_LABELS", "CLASS_WEIGHTS", "DEFAULT_MARGIN", "DENSE", "GLOBAL_GRAPH_OPTIONS",
+           "INDEXES", "LOSSES", "LOSS_INFO", "MASKS", "POOLINGS", "SCHEDULE_KINDS", "SIGMA_STRATEGIES", "SPLITS",
+           "STAGES", "TRACKERS", "VARIANTS", "Loss", "Option", "boolean", "dense_to_none", "is_number", "load_yaml", "number",
+           "one_of", "option", "path", "report_to", "schedule_spec", "sigma_spec", "text",
+           "trackers_spec"]
 
 
 # --------------------------------------------------------------------------- value checks
-def _is_num(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """A finite int or float, not a bool."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -52,33 +86,59 @@ def number(lo: float | None = None, hi: float | None = None, lo_open=False, hi_o
         bounds = f"{'>' if lo_open else '>='} {lo}"
     else:
         bounds = f"in {'(' if lo_open else '['}{'-inf' if lo is None else lo}, {hi}{')' if hi_open else ']'}"
+    reason = f"must be {what} {bounds}" + (f" or null ({nullable})" if nullable else "")
 
     def check(v: Any) -> None:
         if v is None and nullable:
             return
-        if not _is_num(v) or (integer and not isinstance(v, int)):
-            raise ValueError(f"must be {what} {bounds}" + (f" or null ({nullable})" if nullable else ""))
+        if not is_number(v) or (integer and not isinstance(v, int)):
+            raise ValueError(reason)
         if (lo is not None and (v < lo or (lo_open and v == lo))) or \
                 (hi is not None and (v > hi or (hi_open and v == hi))):
-            raise ValueError(f"must be {what} {bounds}" + (f" or null ({nullable})" if nullable else ""))
+            raise ValueError(reason)
     return check
 
 
-def one_of(names: tuple[str, ...]) -> Callable[[Any], None]:
+def one_of(names: tuple[str, ...], nullable: str | None = None, ignore_case=False) -> Callable[[Any], None]:
+    """A check for one of ``names`` (any case with ``ignore_case``); ``nullable`` as in :func:`number`."""
     def check(v: Any) -> None:
-        if not isinstance(v, str) or v not in names:
-            raise ValueError(f"must be one of {', '.join(names)}")
+        if v is None and nullable:
+            return
+        if not isinstance(v, str) or (v.lower() if ignore_case else v) not in names:
+            raise ValueError(f"must be one of {', '.join(names)}" + (f" or null ({nullable})" if nullable else ""))
     return check
 
 
-def _sigma(v: Any) -> None:
+def text(nullable: str | None = None) -> Callable[[Any], None]:
+    """A check for a non-empty string (a name, a column, a command); ``nullable`` as in :func:`number`."""
+    def check(v: Any) -> None:
+        if v is None and nullable:
+            return
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError("must be a non-empty string" + (f" or null ({nullable})" if nullable else ""))
+    return check
+
+
+def path(nullable: str | None = None) -> Callable[[Any], None]:
+    """A check for a local path or an ``s3://`` / ``gs://`` URI (a string or a path object)."""
+    as_text = text(nullable)
+    return lambda v: as_text(os.fspath(v) if isinstance(v, os.PathLike) else v)
+
+
+def boolean(v: Any) -> None:
+    if not isinstance(v, bool):
+        raise ValueError("must be true or false")
+
+
+def sigma_spec(v: Any) -> None:
+    """A kernel width > 0 or a sigma strategy's name."""
     if isinstance(v, str):
         one_of(SIGMA_STRATEGIES)(v)
-    elif not _is_num(v) or v <= 0:
+    elif not is_number(v) or v <= 0:
         raise ValueError(f"must be a number > 0 or one of {', '.join(SIGMA_STRATEGIES)}")
 
 
-def _schedule(v: Any) -> None:
+def schedule_spec(v: Any) -> None:
     """A schedule: a kind name, a number (constant), a mapping (``{kind: cosine, value: ...}``) or null."""
     from .errors import ConfigError
     from .schedules import Schedule
@@ -92,71 +152,27 @@ def _schedule(v: Any) -> None:
         raise ValueError(str(e)) from None
 
 
+
 @dataclass(frozen=True)
 class Option:
-    """A ranged option: ``check(value)`` raises ``ValueError(reason)`` for a bad value; an
-    ``integer`` option takes no float distribution in a search space; ``searchable`` options may
-    appear in a search-space file."""
+    """One option of a run: ``check(value)`` raises ``ValueError(reason)`` for a bad value; ``help`` is
+    its ``gloss-ray train --help`` text; an ``integer`` option takes no float distribution in a search
+    space; ``searchable`` options may appear in a search-space file; ``words``: the flag also takes a
+    word (read as YAML; ``dense`` / ``none`` / ``null`` = None); a ``path`` is made absolute on the
+    driver; ``flag=False``: set by gloss-ray itself (a sweep's stage, the command line), not a flag."""
     check: Callable[[Any], None]
-    doc: str
+    help: str
     integer: bool = False
-    searchable: bool = True
+    searchable: bool = False
+    words: bool = False
+    path: bool = False
+    flag: bool = True
 
 
-_INT1 = number(1, integer=True)
-OPTIONS: dict[str, Option] = {
-    # the loss
-    "loss": Option(one_of(LOSSES), "the loss", searchable=False),
-    "lam": Option(number(0, 1), "weight of the auxiliary loss, [0, 1]"),
-    "lam_schedule": Option(_schedule, "schedule of lam"),
-    "gamma": Option(number(0, 1, True, True), "fraction of visible nodes, (0, 1)"),
-    "sigma": Option(_sigma, "kernel width > 0 or a strategy name"),
-    "sigma_schedule": Option(_schedule, "schedule of sigma"),
-    "k": Option(number(1, integer=True, nullable="dense"), "k-NN sparsification of the batch graph; null/dense = dense",
-                integer=True),
-    "k_schedule": Option(_schedule, "schedule of k"),
-    "variant": Option(one_of(VARIANTS), "G-Loss scoring variant"),
-    "mask": Option(one_of(MASKS), "how visible nodes are drawn"),
-    "temperature": Option(number(0, lo_open=True), "SCL temperature > 0"),
-    "margin": Option(number(0, lo_open=True, nullable="the loss's default"), "triplet/contrastive margin > 0"),
-    "class_weights": Option(one_of(CLASS_WEIGHTS), "class weights of CE and G-Loss", searchable=False),
-    # the global graph
-    "global_k": Option(number(0, integer=True), "global-graph neighbours, >= 0", integer=True),
-    "global_max_nodes": Option(number(0, integer=True), "extra graph nodes per batch, >= 0", integer=True),
-    "global_weight": Option(number(0), "weight of global-graph edges, >= 0"),
-    "refresh_every": Option(_INT1, "epochs between global-graph refreshes, >= 1", integer=True, searchable=False),
-    "pseudo_confidence": Option(number(0, 1), "keep a pseudo-label at this confidence or above, [0, 1]",
-                                searchable=False),
-    # data and optimisation
-    "label_fraction": Option(number(0, 1, lo_open=True), "fraction of training labels known, (0, 1]",
-                             searchable=False),
-    "max_length": Option(_INT1, "tokens per text, >= 1", integer=True, searchable=False),
-    "epochs": Option(_INT1, "integer >= 1", integer=True),
-    "max_steps": Option(number(1, integer=True, nullable="epochs decide"), "optimiser steps in all", integer=True,
-                        searchable=False),
-    "batch_size": Option(_INT1, "documents per worker and step, >= 1", integer=True),
-    "eval_batch_size": Option(_INT1, "integer >= 1", integer=True, searchable=False),
-    "lr": Option(number(0, lo_open=True), "learning rate > 0"),
-    "head_lr": Option(number(0, lo_open=True, nullable="the same as lr"), "the classifier head's learning rate > 0"),
-    "weight_decay": Option(number(0), ">= 0"),
-    "warmup_ratio": Option(number(0, 1, hi_open=True), "[0, 1)"),
-    # Ray
-    "workers": Option(_INT1, "Ray Train workers, >= 1", integer=True, searchable=False),
-    "cpus_per_worker": Option(number(0, lo_open=True, nullable="automatic"), "CPUs each worker reserves",
-                              searchable=False),
-    "gpus_per_worker": Option(number(0, 1, lo_open=True), "GPUs each worker reserves with --gpu, in (0, 1]",
-                              searchable=False),
-    # tracking and step checkpoints
-    "log_every": Option(number(0, integer=True), "optimiser steps between per-step metric rows, >= 0 (0: none)",
-                        integer=True, searchable=False),
-    "checkpoint_every": Option(number(1, integer=True, nullable="per epoch only"),
-                               "optimiser steps between step checkpoints", integer=True, searchable=False),
-}
-
-
-def check(name: str, value: Any) -> None:
-    """Raise ``ValueError(reason)`` when ``value`` is not a valid ``name``."""
-    OPTIONS[name].check(value)
+def option(default: Any, check: Callable[[Any], None], help: str, **kind: Any) -> Any:
+    """A :class:`~gloss_ray.config.TrainConfig` field: its default, its check, its help and its
+    :class:`Option` flags (``integer``, ``searchable``, ``words``, ``path``, ``flag``), in one place."""
+    return dataclasses.field(default=default, metadata={"option": Option(check, help, **kind)})
 
 
 def report_to(value: Any) -> tuple[str, ...]:
@@ -168,8 +184,13 @@ def report_to(value: Any) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(str(x).strip() for x in items if str(x).strip()))
     unknown = [n for n in names if n not in TRACKERS]
     if unknown or not names:
-        raise ValueError(f"must be a comma-separated list of {', '.join(TRACKERS)} (or none), got {value!r}")
+        raise ValueError(f"must be a comma-separated list of {', '.join(TRACKERS)} (or none)")
     return names
+
+
+def trackers_spec(v: Any) -> None:
+    """A ``--report-to`` value (:func:`report_to`)."""
+    report_to(v)
 
 
 def dense_to_none(name: str, value: Any) -> Any:

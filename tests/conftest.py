@@ -13,16 +13,6 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 REPO = Path(__file__).resolve().parents[1]
 import pytest  # noqa: E402
 
-if not os.environ.get("GLOSS_RAY_DATA"):
-    # The benchmarks: ./data or the user cache, else downloaded there once (needs internet);
-    # CI and offline machines point GLOSS_RAY_DATA at a folder holding <name>/*.parquet.
-    from gloss_ray.download import find_or_download
-    from gloss_ray.errors import DataError
-
-    try:
-        os.environ["GLOSS_RAY_DATA"] = str(find_or_download("mr"))
-    except DataError as e:
-        raise pytest.UsageError(f"benchmark data: {e}") from None
 # Ray workers inherit this: test modules that define worker functions must be importable there.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH")) if p)
 
@@ -30,9 +20,18 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests"), str(
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    d = Path(os.environ["GLOSS_RAY_DATA"])
-    if not (d / "mr" / "train.parquet").exists():
-        pytest.fail(f"benchmark data not found under {d}; set GLOSS_RAY_DATA")
+    """The benchmark data folder, for the tests that read benchmarks (and only those): $GLOSS_RAY_DATA,
+    ./data or the user cache, else mr downloaded into the cache once (needs internet; CI and offline
+    machines point GLOSS_RAY_DATA at a folder holding <name>/*.parquet). Put in GLOSS_RAY_DATA too, for
+    the commands and subprocesses under test."""
+    from gloss_ray.download import find_or_download
+    from gloss_ray.errors import DataError
+
+    try:
+        d = Path(find_or_download("mr"))
+    except DataError as e:
+        pytest.fail(f"benchmark data: {e}")
+    os.environ["GLOSS_RAY_DATA"] = str(d)
     return d
 
 

@@ -114,7 +114,12 @@ def test_every_option_explains_itself(command, action, text):
         assert UNITS.search(text), f"{command} {flag}: a number, but the help names no unit: {text!r}"
 
 
-def test_every_train_config_field_has_a_flag():
+def test_every_train_option_has_a_flag_and_provenance_has_none():
+    """The options a user sets are flags; what gloss-ray records itself (the command line, a sweep's stage
+    and trial) is not."""
+    from gloss_ray.config import OPTIONS
+
     parser = dict(_subcommands(build_parser()))["gloss-ray train"]
     dests = {a.dest for a in parser._actions}
-    assert {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"} <= dests
+    assert {name for name, opt in OPTIONS.items() if opt.flag} <= dests
+    assert {"command", "stage", "trial_id"} & dests == set()

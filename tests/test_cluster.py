@@ -23,6 +23,7 @@ import csv
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -37,7 +38,6 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ["GLOSS_RAY_DATA"])   # conftest: found, downloaded or given
 JOBS = ("finetune", "sweep", "benchmark", "report")
 JOB_TIMEOUT_S = 300
 RAY_CLI = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
@@ -152,13 +152,25 @@ def test_runtime_env_yaml_is_a_valid_runtime_env():
         _unknown_runtime_env_fields({**renv, "env_vars": {"A": 1}})
 
 
-def test_job_scripts_document_their_submit_command():
-    for name in JOBS:
-        text = (ROOT / "jobs" / f"{name}.py").read_text()
-        assert text.startswith("# Ray job:"), name
-        header = text.split('"""', 1)[0]
-        assert (f"ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/{name}.py"
-                in header), name
+@pytest.mark.parametrize("name, command", [("finetune", "train"), ("sweep", "tune"), ("benchmark", "bench"),
+                                           ("report", "report")])
+def test_the_submit_command_a_job_documents_is_accepted_by_ray_and_gloss_ray(name, command):
+    """The `ray job submit` line in a job script's header parses with Ray's own job CLI (nothing is
+    submitted), ships the repository with the project's runtime env, and runs this script with
+    arguments that gloss-ray's parser for the job's command accepts."""
+    from ray.dashboard.modules.job.cli import job_cli_group
+
+    from gloss_ray.cli import parse_args
+
+    header = (ROOT / "jobs" / f"{name}.py").read_text().split('"""', 1)[0]
+    line = next(ln for ln in header.splitlines() if "ray job submit" in ln)
+    argv = shlex.split(line.split("ray job submit", 1)[1])
+    params = job_cli_group.commands["submit"].make_context("submit", argv).params
+    assert (params["working_dir"], params["runtime_env"]) == (".", "jobs/runtime_env.yaml")
+    assert (ROOT / params["runtime_env"]).is_file()
+    python, script, *args = params["entrypoint"]
+    assert (python, script) == ("python", f"jobs/{name}.py")
+    assert parse_args([command, *args]).command == command
 
 
 def test_storage_defaults_to_env(monkeypatch):
@@ -282,7 +294,7 @@ def _stop_cluster(head: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(data_dir):
     """A Ray head node with 3 CPUs on this machine, its dashboard (job API) on 127.0.0.1 only."""
     temp_dir = tempfile.mkdtemp(prefix="grc", dir="/tmp")  # short: Ray's unix sockets live here
     work = Path(tempfile.mkdtemp(prefix="gloss_ray_cluster_test_"))
@@ -334,14 +346,14 @@ def cluster():
 
 def _train_args(cluster, tiny_model_dir, tag: str, *extra: str) -> list[str]:
     """A 1-epoch G-Loss run of the tiny random BERT (conftest's ``tiny_model_dir``) on 64 MR docs."""
-    return ["--benchmark", "mr", "--loss", "gloss", "--data-dir", str(DATA), "--model", str(tiny_model_dir),
+    return ["--benchmark", "mr", "--loss", "gloss", "--data-dir", os.environ["GLOSS_RAY_DATA"], "--model", str(tiny_model_dir),
             "--max-train", "64", "--max-eval", "32", "--max-length", "32", "--batch-size", "16",
             "--epochs", "1", "--workers", "1", "--cache-dir", str(cluster["work"] / f"token-cache-{tag}"), *extra]
 
 
 def _runtime_env(**env_vars: str) -> dict:
     renv = _job_runtime_env()
-    renv["env_vars"] = {**renv["env_vars"], **CLUSTER_ENV, "GLOSS_RAY_DATA": str(DATA), **env_vars}
+    renv["env_vars"] = {**renv["env_vars"], **CLUSTER_ENV, "GLOSS_RAY_DATA": os.environ["GLOSS_RAY_DATA"], **env_vars}
     return renv
 
 
@@ -409,7 +421,7 @@ def jobs(cluster, tiny_model_dir):
     submitted["resume"] = resume
 
     # 3. a sweep (Tune search of 1 trial + 1 final run + report)
-    base = {"model": tiny_model_dir, "data_dir": DATA, "max_train": 64, "max_eval": 32, "max_length": 32,
+    base = {"model": tiny_model_dir, "data_dir": os.environ["GLOSS_RAY_DATA"], "max_train": 64, "max_eval": 32, "max_length": 32,
             "batch_size": 16, "epochs": 1, "cache_dir": work / "token-cache-sweep"}
     sets = " ".join(f"--set {k}={v}" for k, v in base.items())
     storage = work / "sweep-bucket"

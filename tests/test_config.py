@@ -1,4 +1,5 @@
 """TrainConfig files and options: configs/*.yaml, numbers from YAML, bench loss specs, the head's rate."""
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,12 +10,16 @@ from gloss_ray.config import TrainConfig
 from gloss_ray.errors import ConfigError
 from gloss_ray.sweep import base_configs, parse_loss_spec
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted((REPO / "configs").glob("*.yaml"))
+# the config files README.md and docs/*.md tell users to pass
+NAMED = sorted({m for doc in [REPO / "README.md", *(REPO / "docs").glob("*.md")]
+                for m in re.findall(r"configs/[\w.-]+\.yaml", doc.read_text())})
 
 
-def test_there_are_config_files():
-    assert "cpu_subset.yaml" in {p.name for p in CONFIG_FILES}
+@pytest.mark.parametrize("name", NAMED)
+def test_every_config_file_the_docs_name_makes_a_run(name):
+    assert TrainConfig.from_sources(str(REPO / name), {"benchmark": "mr"}).run_name.startswith("mr-")
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
@@ -46,6 +51,19 @@ def test_a_word_where_a_number_is_meant_names_the_key():
         TrainConfig.from_dict({"benchmark": "mr", "head_lr": 0})
 
 
+@pytest.mark.parametrize("key, value", [("pooling", "max"), ("index", "annoy"), ("dropout", 1.5), ("seed", -1),
+                                        ("benchmark", "imdb"), ("progress", "yes"), ("text_column", ""),
+                                        ("max_train", 0), ("stage", "warmup")])
+def test_every_option_is_checked_on_the_driver(key, value):
+    """Options that were only checked on a worker (or never) fail where the config is made, naming the key."""
+    with pytest.raises(ConfigError, match=rf"^run\.yaml: {key}: must be .*, got {value!r}$"):
+        TrainConfig.from_dict({"benchmark": "mr", key: value}, source="run.yaml")
+
+
+def test_a_benchmark_name_is_read_in_any_case():
+    assert TrainConfig(benchmark="MR").benchmark == "MR"
+
+
 def test_label_fraction_works_with_every_loss_but_global_k_only_with_gloss():
     assert TrainConfig(benchmark="mr", loss="ce", label_fraction=0.2).label_fraction == 0.2
     with pytest.raises(ConfigError, match="global_k"):
@@ -69,19 +87,29 @@ def _args(*sets, config=None):
     return SimpleNamespace(workers=1, gpu=False, set=list(sets), config=config)
 
 
-def test_bench_specs_compare_batch_and_global_gloss(data_dir):
+def test_bench_specs_compare_batch_and_global_gloss():
     bases = base_configs(_args(), ["mr"], ["ce", "gloss", "gloss+global", "gloss+global@0.2"])
     got = {spec: (d["loss"], d["global_k"], d["label_fraction"]) for (_, spec), d in bases.items()}
     assert got == {"ce": ("ce", 0, 1.0), "gloss": ("gloss", 0, 1.0), "gloss+global": ("gloss", 16, 1.0),
                    "gloss+global@0.2": ("gloss", 16, 0.2)}
 
 
-def test_bench_global_k_option_applies_only_to_global_specs(data_dir):
+def test_bench_global_k_option_applies_only_to_global_specs():
     bases = base_configs(_args("global_k=8"), ["mr"], ["ce", "gloss", "gloss+global"])
     assert [d["global_k"] for d in bases.values()] == [0, 0, 8]
 
 
-def test_without_global_specs_the_options_apply_as_given(data_dir):
+def test_each_sweep_run_is_checked_with_its_own_loss(tmp_path):
+    """A base file of a CE run with a global graph is fine for G-Loss runs and refused, naming the file
+    and the loss spec, for the CE runs it would make."""
+    base = tmp_path / "base.yaml"
+    base.write_text("loss: ce\nglobal_k: 8\n")
+    assert base_configs(_args(config=str(base)), ["mr"], ["gloss"])[("mr", "gloss")]["global_k"] == 8
+    with pytest.raises(ConfigError, match=r"base\.yaml with --losses ce: global_k: the global graph feeds G-Loss"):
+        base_configs(_args(config=str(base)), ["mr"], ["ce"])
+
+
+def test_without_global_specs_the_options_apply_as_given():
     bases = base_configs(_args("global_k=8"), ["mr"], ["gloss"])
     assert bases[("mr", "gloss")]["global_k"] == 8
     with pytest.raises(ConfigError, match="global_k"):
@@ -108,7 +136,7 @@ def test_head_has_its_own_learning_rate_and_every_parameter_one_group(tiny_model
     assert {g.get("lr", 1e-4) for g in same} == {1e-4}
 
 
-def test_tune_rejects_bench_specs_before_anything_runs(tmp_path, capsys, data_dir):
+def test_tune_rejects_bench_specs_before_anything_runs(tmp_path, capsys):
     from gloss_ray import cli
 
     assert cli.main(["tune", "--benchmarks", "mr", "--losses", "ce,gloss+global", "--storage", str(tmp_path)]) == 2

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -21,15 +20,6 @@ from gloss_ray.data import (
 from gloss_ray.distributed import shard_indices
 from gloss_ray.losses import balanced_class_weights
 from gloss_ray.errors import DataError
-
-
-@pytest.fixture(scope="session")
-def data_dir() -> Path:
-    """Benchmark data: $GLOSS_RAY_DATA (conftest sets it: found, downloaded or given)."""
-    path = Path(os.environ["GLOSS_RAY_DATA"])
-    if not (path / "mr").is_dir():
-        pytest.skip(f"benchmark data not found at {path}")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -88,13 +78,32 @@ def test_unknown_benchmark_lists_valid_names(data_dir):
     assert "'imdb'" in str(err.value) and ", ".join(BENCHMARKS) in str(err.value)
 
 
-def test_missing_benchmark_offline_names_the_url_and_the_remedy(tmp_path, monkeypatch):
+def test_loading_a_missing_benchmark_never_downloads_and_names_the_folders_and_the_remedy(tmp_path, monkeypatch):
+    """Reading a corpus reaches no network: a benchmark that no data folder holds is a one-line error
+    naming the folders searched and the command that fetches it."""
+    from gloss_ray.data import BenchmarkMissing
+
+    monkeypatch.delenv("GLOSS_RAY_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GLOSS_RAY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GLOSS_RAY_DATA_MIRROR", "http://127.0.0.1:9/")   # a download would fail naming it
+    with pytest.raises(BenchmarkMissing) as err:
+        load_corpus("mr", data_dir=tmp_path / "mine")
+    msg = str(err.value)
+    assert str(tmp_path / "mine") in msg and str(tmp_path / "cache" / "data") in msg
+    assert "gloss-ray data download mr" in msg and "127.0.0.1:9" not in msg and "\n" not in msg
+    assert not (tmp_path / "mine").exists() and not (tmp_path / "cache").exists()
+
+
+def test_the_driver_fetch_of_a_missing_benchmark_offline_names_the_url_and_the_remedy(tmp_path, monkeypatch):
+    from gloss_ray.cli import fetch_data
+
     monkeypatch.delenv("GLOSS_RAY_DATA", raising=False)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GLOSS_RAY_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("GLOSS_RAY_DATA_MIRROR", "http://127.0.0.1:9/")   # nothing listens there
     with pytest.raises(DataError) as err:
-        load_corpus("mr", data_dir=tmp_path / "mine")
+        fetch_data("mr", str(tmp_path / "mine"))
     msg = str(err.value)
     assert "http://127.0.0.1:9/" in msg and "GLOSS_RAY_DATA" in msg and "--data-dir" in msg
     assert "\n" not in msg and not (tmp_path / "mine" / "mr").exists()

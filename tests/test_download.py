@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from gloss_ray import data
 from gloss_ray import download as dl
 from gloss_ray.cli import main as cli_main
 from gloss_ray.errors import DataError
@@ -111,9 +112,9 @@ def served(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
     """No real data folder or cache; a quick retry."""
-    monkeypatch.delenv(dl.DATA_ENV, raising=False)
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
     monkeypatch.delenv(dl.MIRROR_ENV, raising=False)
-    monkeypatch.setenv(dl.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(dl, "RETRY_DELAY_S", 0.0)
     monkeypatch.chdir(tmp_path)  # no ./data
 
@@ -226,39 +227,55 @@ def _fake(root: Path, name: str = "mr") -> Path:
 
 def test_find_or_download_prefers_data_dir(tmp_path, monkeypatch):
     given, env = _fake(tmp_path / "given"), _fake(tmp_path / "env")
-    _fake(dl.cache_dir())
-    monkeypatch.setenv(dl.DATA_ENV, str(env))
+    _fake(data.cache_dir())
+    monkeypatch.setenv(data.DATA_ENV, str(env))
     assert dl.find_or_download("mr", str(given)) == given
 
 
 def test_find_or_download_then_environment(tmp_path, monkeypatch):
     env = _fake(tmp_path / "env")
-    _fake(dl.cache_dir())
-    monkeypatch.setenv(dl.DATA_ENV, str(env))
+    _fake(data.cache_dir())
+    monkeypatch.setenv(data.DATA_ENV, str(env))
     assert dl.find_or_download("mr", str(tmp_path / "empty")) == env
 
 
 def test_find_or_download_then_current_folder_data(tmp_path, monkeypatch):
     local = _fake(tmp_path / "data")
-    _fake(dl.cache_dir())
+    _fake(data.cache_dir())
     assert dl.find_or_download("mr", None) == local
 
 
 def test_find_or_download_then_cache(tmp_path, monkeypatch):
-    cache = _fake(dl.cache_dir())
-    monkeypatch.setenv(dl.DATA_ENV, str(tmp_path / "env"))
+    cache = _fake(data.cache_dir())
+    monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "env"))
     assert dl.find_or_download("MR", None) == cache
 
 
 def test_find_or_download_downloads_into_the_cache(mirror, tmp_path):
     root = dl.find_or_download("mr", None)
-    assert root == dl.cache_dir() == (tmp_path / "cache" / "data").resolve()
+    assert root == data.cache_dir() == (tmp_path / "cache" / "data").resolve()
     assert _read(root / "mr", "test")[1] == ["negative", "positive"]
 
 
 def test_find_or_download_downloads_into_a_named_data_dir(mirror, tmp_path):
     assert dl.find_or_download("mr", str(tmp_path / "mine")) == (tmp_path / "mine").resolve()
     assert (tmp_path / "mine" / "mr" / "validation.parquet").is_file()
+
+
+@pytest.mark.parametrize("command", ["train", "bench"])
+def test_a_run_downloads_a_missing_benchmark_on_the_driver_before_anything_else(mirror, tmp_path, capsys, command):
+    """train and bench fetch a named benchmark first, with a line saying so; the run then stops at the
+    driver's next check (an empty model folder here), before Ray starts."""
+    model = tmp_path / "no-model"
+    model.mkdir()
+    args = (["train", "--benchmark", "mr", "--model", str(model)] if command == "train" else
+            ["bench", "--benchmarks", "mr", "--losses", "ce", "--set", f"model={model}"])
+    assert cli_main([*args, "--storage", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert f"mr: not found in {tmp_path / 'data'}" in err and f"downloading into {data.cache_dir()}" in err
+    assert (data.cache_dir() / "mr" / "train.parquet").is_file()
+    assert err.splitlines()[-1].startswith(f"gloss-ray: error: --model: {model}: not a model folder")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_cli_data_download(mirror, tmp_path, capsys):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gloss_ray.graph.global_graph import GlobalGraph
-from gloss_ray.graph.synthetic import clustered_unit_vectors
+from synthetic import clustered_unit_vectors
 
 pytest.importorskip("faiss")
 
@@ -100,3 +100,25 @@ def test_every_rank_gets_rank_0s_extra_nodes(tmp_path):
     emb, lab = alone.lookup(torch.arange(0, 64), x[:64])
     assert len(lab) > 0 and torch.equal(r0["lab"], lab) and torch.equal(r0["emb"], emb)
     assert torch.equal(r1["lab"], r0["lab"]) and torch.equal(r1["emb"], r0["emb"])
+
+
+def test_a_refresh_changes_the_graph_and_its_diagnostics_describe_it():
+    """refresh() returns nothing; diagnostics() describes the last refresh, and its history columns carry
+    the pseudo-label figures only when some labels are unknown."""
+    x, truth, known = _corpus()
+    low = _graph("faiss-flat")
+    assert low.diagnostics() is None and low.neighbours is None
+    assert low.refresh(lambda rows: x[torch.as_tensor(rows)], step=0, epoch=1) is None
+    d = low.diagnostics()
+    assert low.neighbours is not None and d.backend == "faiss-flat" and d.recall_at_k == pytest.approx(1.0)
+    unknown = known < 0
+    assert d.pseudo_labelled is not None and 0 < d.pseudo_labelled <= unknown.sum()
+    assert 0.5 < d.pseudo_label_accuracy <= 1.0          # clustered classes: most pseudo-labels right
+    assert d.bank_bytes == N * DIM * 4 + N * 8 + N + N * 8 and d.index_bytes == N * DIM * 4
+    assert list(d.history()) == ["refresh_s", "encode_s", "index_s", "search_s", "homophily", "recall_at_k",
+                                 "pseudo_label_accuracy", "pseudo_labelled", "bank_bytes", "index_bytes",
+                                 "bank_shared"]
+    full = GlobalGraph(N, DIM, truth, truth, C, 8, 64, backend="faiss-flat")
+    full.refresh(lambda rows: x[torch.as_tensor(rows)], step=0, epoch=1)
+    assert full.diagnostics().pseudo_label_accuracy is None and "pseudo_labelled" not in full.diagnostics().history()
+    assert "recall@8 1.000" in full.diagnostics().describe(N, 8)

@@ -12,7 +12,7 @@ import torch
 
 from gloss_ray.config import TrainConfig
 from gloss_ray.graph.index import exact_knn_torch, recall_at_k
-from gloss_ray.graph.synthetic import clustered_unit_vectors
+from synthetic import clustered_unit_vectors
 from gloss_ray.losses import GLoss
 
 pytestmark = [pytest.mark.gpu,

@@ -6,12 +6,12 @@ import torch.nn.functional as F
 
 from gloss_ray.errors import ConfigError
 from gloss_ray.graph import (EmbeddingBank, GlobalNeighbours, KnnIndex, LabelSpreading, choose_backend,
-                             exact_knn_torch, faiss_gpu_available, label_homophily, make_index, propagate_labels_knn,
+                             exact_knn_torch, faiss_gpu_available, label_homophily, make_index,
                              recall_at_k)
 from gloss_ray.graph import global_graph as global_graph_mod
 from gloss_ray.graph import index as index_mod
 from gloss_ray.graph.global_graph import GlobalGraph
-from gloss_ray.graph.synthetic import clustered_unit_vectors
+from synthetic import clustered_unit_vectors
 
 faiss = pytest.importorskip("faiss")
 
@@ -185,21 +185,21 @@ def tiny_encoder():
 def test_bank_refresh_equals_direct_encoding(dtype, atol):
     model, feats, encode = tiny_encoder()
     bank = EmbeddingBank(103, 8, dtype=dtype)
-    assert bank.fill_fraction == 0 and bank.version == 0 and bank.refreshed_at_step is None
+    assert not bank.filled.any() and bank.version == 0 and bank.refreshed_at_step is None
     order = torch.randperm(103, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         bank.load([encode(part) for part in order.split(10)], step=7)
         direct = F.normalize(model(feats), dim=1)
     assert torch.allclose(bank.as_tensor(torch.float32), direct, atol=atol)
     assert bank.as_tensor().dtype == dtype
-    assert bank.version == 1 and bank.refreshed_at_step == 7 and bank.fill_fraction == 1.0
+    assert bank.version == 1 and bank.refreshed_at_step == 7 and bank.filled.all()
     # sharded refresh: two workers each encode half; every worker loads both parts
     a = EmbeddingBank(103, 8, dtype=dtype)
     with torch.no_grad():
         a.load([encode(torch.arange(0, 50))])
-        assert a.fill_fraction == pytest.approx(50 / 103)
+        assert a.filled.tolist() == [True] * 50 + [False] * 53
         a.load([encode(torch.arange(0, 50)), encode(torch.arange(50, 103))])
-    assert torch.allclose(a.as_tensor(torch.float32), direct, atol=atol) and a.fill_fraction == 1.0 and a.version == 2
+    assert torch.allclose(a.as_tensor(torch.float32), direct, atol=atol) and a.filled.all() and a.version == 2
 
 
 def test_bank_online_update_and_set_rows():
@@ -207,14 +207,9 @@ def test_bank_online_update_and_set_rows():
     e0, e1 = torch.eye(3)[0], torch.eye(3)[1]
     bank.set_rows(torch.tensor([0, 1]), torch.stack([2 * e0, 3 * e0]))
     assert torch.allclose(bank.vectors[1], e0)  # normalised
-    bank.update_online(torch.tensor([0, 2]), torch.stack([e1, e1]), momentum=0.5)
-    assert torch.allclose(bank.vectors[0], F.normalize(e0 + e1, dim=0))  # blended
-    assert torch.allclose(bank.vectors[2], e1)  # never filled: takes the new vector
-    bank.update_online(torch.tensor([1]), e1.unsqueeze(0))  # momentum 0 = replace
-    assert torch.allclose(bank.vectors[1], e1)
-    assert bank.fill_fraction == pytest.approx(0.5) and bank.version == 0
-    with pytest.raises(ValueError):
-        bank.update_online(torch.tensor([1]), e1.unsqueeze(0), momentum=1.0)
+    bank.update_online(torch.tensor([0, 2]), torch.stack([2 * e1, e1]))  # the batch's rows replaced, normalised
+    assert torch.equal(bank.vectors[0], e1) and torch.equal(bank.vectors[2], e1) and torch.equal(bank.vectors[1], e0)
+    assert bank.filled.tolist() == [True, True, True, False, False, False] and bank.version == 0
     with pytest.raises(IndexError):
         bank.set_rows(torch.tensor([6]), e1.unsqueeze(0))
 
@@ -281,7 +276,7 @@ def test_propagation_recovers_two_clusters(sigma):
     labels = np.full(n, -1)
     known = np.random.default_rng(0).choice(n, n // 10, replace=False)  # 10% labelled
     labels[known] = truth.numpy()[known]
-    pred, conf = propagate_labels_knn(res.ids.numpy(), res.scores.numpy(), labels, 2, sigma=sigma)
+    pred, conf = (t.numpy() for t in LabelSpreading(res.ids, res.scores, sigma).spread(labels, 2))
     hidden = labels < 0
     assert (pred[hidden] == truth.numpy()[hidden]).mean() >= 0.95
     assert (pred[known] == labels[known]).all() and (conf[known] == 1).all()
@@ -291,10 +286,11 @@ def test_propagation_recovers_two_clusters(sigma):
 def test_propagation_unreached_nodes_and_bad_input():
     ids = np.array([[1], [0], [3], [2]])
     scores = np.full((4, 1), 0.9, dtype=np.float32)
-    pred, conf = propagate_labels_knn(ids, scores, np.array([1, -1, -1, -1]), 2)
+    spreading = LabelSpreading(ids, scores)
+    pred, conf = spreading.spread(np.array([1, -1, -1, -1]), 2)
     assert pred.tolist() == [1, 1, -1, -1] and conf.tolist()[2:] == [0.0, 0.0]
     with pytest.raises(ValueError):
-        propagate_labels_knn(ids, scores, np.array([2, -1, -1, -1]), 2)
+        spreading.spread(np.array([2, -1, -1, -1]), 2)
 
 
 def test_label_spreading_torch_product_equals_scipy():
@@ -440,8 +436,8 @@ def test_diagnostic_recall_queries_are_not_the_calibration_queries(monkeypatch, 
     monkeypatch.setattr(global_graph_mod, "tie_aware_recall", lambda v, q, *a: queries.append(q) or recall(v, q, *a))
     x, truth = clustered_unit_vectors(3000, 16, 8, rank=4, seed=6)
     g = GlobalGraph(3000, 16, truth.numpy(), truth.numpy(), 8, 8, 64, backend=backend)
-    diag = g.refresh(lambda idx: x[torch.as_tensor(idx)], 0)
-    assert calib and len(queries) == 1 and len(queries[0]) == 1000 and 0 < diag["recall_at_k"] <= 1
+    g.refresh(lambda idx: x[torch.as_tensor(idx)], 0)
+    assert calib and len(queries) == 1 and len(queries[0]) == 1000 and 0 < g.diagnostics().recall_at_k <= 1
     assert not torch.isin(queries[0], torch.cat(calib)).any()
 
 

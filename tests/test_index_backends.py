@@ -7,7 +7,7 @@ from gloss_ray.graph import index as index_mod
 from gloss_ray.graph.global_graph import GlobalGraph
 from gloss_ray.graph.index import (BACKEND_CLASSES, BACKENDS, FaissHnswIndex, FaissIvfIndex, calibrate, exact_knn_torch,
                                    make_index, restore_index, tie_aware_recall)
-from gloss_ray.graph.synthetic import clustered_unit_vectors
+from synthetic import clustered_unit_vectors
 
 faiss = pytest.importorskip("faiss")
 

@@ -23,7 +23,7 @@ def test_metrics_json_and_the_model_card_hold_no_credentials(tiny_model_dir, tmp
 
     cfg = TrainConfig(train_file=f"{URI}/data/train.csv", test_file=f"{URI}/data/test.csv", storage=f"{URI}/runs",
                       model=tiny_model_dir, name="r",
-                      extra={"command": f"gloss-ray train --train-file {URI}/data/train.csv --storage {URI}/runs"})
+                      command=f"gloss-ray train --train-file {URI}/data/train.csv --storage {URI}/runs")
     final = {"benchmark": "train", "loss": "gloss", "seed": 0, "best_epoch": 1, "best_val_macro_f1": 0.5,
              "epochs_run": 1, "num_workers": 1, "test_accuracy": 0.5, "test_macro_f1": 0.5}
     history = [{"epoch": 1, "train_loss": 0.7, "train_ce": 0.7, "train_aux": 0.1, "val_accuracy": 0.5,
@@ -35,7 +35,7 @@ def test_metrics_json_and_the_model_card_hold_no_credentials(tiny_model_dir, tmp
     assert [p for p in files if SECRET.encode() in p.read_bytes()] == []
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["config"]["train_file"] == "s3://***@bucket/data/train.csv"
-    assert "--storage s3://***@bucket/runs" in metrics["config"]["extra"]["command"]
+    assert "--storage s3://***@bucket/runs" in metrics["config"]["command"]
     assert "--storage s3://***@bucket/runs" in (tmp_path / "run" / "model" / "README.md").read_text()
 
 

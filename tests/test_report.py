@@ -41,6 +41,9 @@ def _run(root, bench, loss, seed, rng, stage="final", global_graph=False, label_
          "device": "cpu", "num_workers": 2, "global_graph": global_graph,
          "label_fraction": label_fraction, "stage": stage,
          "config": {"model": "tiny-bert", "lr": 2e-5, "lam": 0.5, "k": None}}
+    if bench == "mr":                     # only MR's runs measured their throughput
+        m.update({"train_tokens_per_s": float(rng.uniform(500, 900)), "train_docs_per_s": float(rng.uniform(20, 30)),
+                  "train_mfu": float(rng.uniform(0.2, 0.4)), "train_padding": 0.25, "device_peak_flops": 8e10})
     (d / "metrics.json").write_text(json.dumps(m))
     f1 = np.minimum.accumulate(rng.uniform(0.5, 0.9, epochs)[::-1])[::-1]  # non-decreasing
     hist = pd.DataFrame({"epoch": range(1, epochs + 1), "train_loss": rng.uniform(0.1, 1, epochs),
@@ -127,6 +130,20 @@ def test_aggregates_equal_numpy(results):
         c = csv[(csv.benchmark == r["benchmark"]) & (csv.key == r["key"])].iloc[0]
         assert c["test_accuracy_mean"] == r["test_accuracy_mean"]
         assert c["test_macro_f1_mean"] == r["test_macro_f1_mean"]
+
+
+def test_throughput_section_averages_the_runs_that_measured_it(results):
+    res = results
+    runs = [res["runs"][("mr", "gloss", s)][0] for s in SEEDS]
+    row = _row(res, "mr", "gloss")
+    assert row["train_mfu_mean"] == float(np.mean([m["train_mfu"] for m in runs]))
+    assert row["train_tokens_per_s_n"] == 3
+    assert "train_mfu_n" not in _row(res, "r8", "gloss")
+    md = (res["out"] / "report.md").read_text()
+    section = md.split("## Training throughput", 1)[1].split("\n## ", 1)[0]
+    assert f"{100 * row['train_mfu_mean']:.2f} ± {100 * row['train_mfu_std']:.2f}" in section
+    assert "| 80.0 |" in section                                  # peak in GFLOP/s
+    assert "R8" not in section                                   # no row for runs without the figures
 
 
 def test_paired_difference_to_ce(results):

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from gloss_ray.config import TrainConfig
+from gloss_ray.train.checkpoint import FAIL_ENV
 from gloss_ray.train.loop import train
 from gloss_ray.train.session import LocalSession
 
@@ -32,9 +33,10 @@ def _run(cfg: TrainConfig, tmp_path: Path, interrupt: bool) -> Path:
     returns the run's folder."""
     run = tmp_path / cfg.name
     if interrupt:
-        cfg.extra["fail_once_after_epoch"] = f"1:{tmp_path / (cfg.name + '-failed')}"
-        with pytest.raises(RuntimeError, match="simulated worker failure"):
-            train(cfg, LocalSession(str(run), device="cpu"))
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv(FAIL_ENV, f"1:{tmp_path / (cfg.name + '-failed')}")
+            with pytest.raises(RuntimeError, match="simulated worker failure"):
+                train(cfg, LocalSession(str(run), device="cpu"))
     train(cfg, LocalSession(str(run), device="cpu"))
     return run
 

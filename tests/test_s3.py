@@ -110,17 +110,19 @@ def test_train_reads_data_from_s3_and_writes_outputs_to_s3(ray_local, bucket, ti
     assert any((tmp_path / "cache").iterdir())  # the tokenisation cache stays on the node's disk
 
 
-def test_failed_run_resumes_from_its_checkpoint_on_s3(ray_local, bucket, tiny_model_dir, tmp_path):
+def test_failed_run_resumes_from_its_checkpoint_on_s3(ray_local, bucket, tiny_model_dir, tmp_path, monkeypatch):
+    from gloss_ray.train.checkpoint import FAIL_ENV
     from gloss_ray.train.launch import fit
 
     files = _splits(bucket)
     storage = f"{bucket}/runs"
 
     def config(fail_marker) -> TrainConfig:
+        monkeypatch.setenv(FAIL_ENV, f"1:{fail_marker}")      # the driver's hook reaches the Train workers
         return TrainConfig(train_file=files["train"], validation_file=files["validation"], test_file=files["test"],
                            model=tiny_model_dir, loss="gloss", epochs=2, max_length=16, batch_size=8,
                            storage=storage, name="resume", max_failures=0, patience=10, progress=False,
-                           cache_dir=str(tmp_path / "cache"), extra={"fail_once_after_epoch": f"1:{fail_marker}"})
+                           cache_dir=str(tmp_path / "cache"))
 
     first = tmp_path / "first-failed"
     with pytest.raises(Exception):  # max_failures=0: the simulated failure after epoch 1 ends the run
@@ -212,7 +214,7 @@ def test_credentials_in_uris_never_reach_written_files_or_output(ray_local, buck
     assert leaks == [] and SECRET not in out + err
     metrics = json.loads(written[f"{bucket[5:]}/runs/secret/metrics.json"])
     assert metrics["config"]["train_file"] == f"s3://***@{bucket[5:]}/data/train.csv"
-    assert f"--storage s3://***@{bucket[5:]}/runs" in metrics["config"]["extra"]["command"]
+    assert f"--storage s3://***@{bucket[5:]}/runs" in metrics["config"]["command"]
 
 
 def test_an_error_names_the_uri_without_its_credentials(bucket, capsys):

@@ -1,21 +1,28 @@
 """Search-space files: every shipped file validates, bad files fail with a one-line error naming
 the file and key, and the Ray Tune conversion is accepted by the Optuna searcher."""
 
+import re
 from pathlib import Path
 
 import pytest
 
 from gloss_ray.errors import ConfigError
-from gloss_ray.options import BENCHMARKS, LOSSES, OPTIONS
+from gloss_ray.config import OPTIONS
+from gloss_ray.options import BENCHMARKS, LOSSES
 from gloss_ray.sweep.spaces import KNOWN_PARAMS, Dist, decode_params, load_space, to_tune
 
-SPACE_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
+REPO = Path(__file__).resolve().parents[1]
+SPACE_DIR = REPO / "tune_spaces"
 SPACE_FILES = sorted(SPACE_DIR.glob("*.yaml")) + sorted(SPACE_DIR.glob("*.yml"))
+# the space files README.md, docs/*.md and the CLI's help tell users to pass
+NAMED = sorted({m for doc in [REPO / "README.md", *(REPO / "docs").glob("*.md"), REPO / "gloss_ray" / "cli.py"]
+                for m in re.findall(r"tune_spaces/[\w.-]+\.ya?ml", doc.read_text())})
 
 
-def test_space_dir_has_files():
-    names = {p.name for p in SPACE_FILES}
-    assert {"default.yaml", "ce.yaml", "scl.yaml", "triplet.yaml", "contrastive.yaml"} <= names
+@pytest.mark.parametrize("name", NAMED)
+def test_every_space_file_the_docs_name_loads_for_each_benchmark(name):
+    space = load_space(REPO / name)
+    assert all(space.for_run(b, loss) for b in BENCHMARKS for loss in space.losses)
 
 
 @pytest.mark.parametrize("path", SPACE_FILES, ids=lambda p: p.name)
@@ -132,10 +139,22 @@ def test_decode_params():
     assert decode_params({"k": 8}) == {"k": 8}
 
 
-def test_space_parameters_are_the_searchable_options():
-    """One table: a space takes exactly the options marked searchable, checked by the same rule."""
-    assert set(KNOWN_PARAMS) == {name for name, opt in OPTIONS.items() if opt.searchable}
-    assert "loss" not in KNOWN_PARAMS and {"lr", "k", "head_lr"} <= set(KNOWN_PARAMS)
+@pytest.mark.parametrize("name, value", [("workers", 2), ("storage", "runs"), ("refresh_every", 2)])
+def test_a_space_cannot_search_an_option_that_is_not_searchable(tmp_path, name, value):
+    """What a run is (its workers, its storage, how often its graph refreshes) is not a search parameter:
+    a space naming one is refused, naming it, though the option itself is valid."""
+    OPTIONS[name].check(value)
+    p = tmp_path / "s.yaml"
+    p.write_text(f"loss: gloss\nparams: {{lr: 1.0e-5, {name}: {value}}}\n")
+    with pytest.raises(ConfigError, match=rf"s\.yaml: params\.{name}"):
+        load_space(p)
+
+
+def test_a_space_searches_the_head_rate_and_the_global_graph(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("loss: gloss\nparams: {head_lr: {loguniform: [1.0e-4, 1.0e-2]}, global_k: {choice: [0, 8]}}\n")
+    spec = load_space(p).for_run("mr", "gloss")
+    assert spec == {"head_lr": Dist("loguniform", (1e-4, 1e-2)), "global_k": Dist("choice", (0, 8))}
 
 
 def test_space_values_are_checked_by_the_options_own_check(tmp_path):

@@ -88,20 +88,23 @@ def test_a_run_killed_mid_epoch_resumes_at_its_step_checkpoint_and_ends_as_the_r
 
 @pytest.mark.ray
 def test_two_ray_train_workers_resume_a_failed_run_at_its_step_checkpoint(ray_local, data_dir, tiny_model_dir,
-                                                                           tmp_path):
+                                                                           tmp_path, monkeypatch):
     """Under Ray Train with two workers (each with its own dropout stream and sums): a worker failing
     right after the step checkpoint of step 8 (epoch 2, batch 2) is restarted by Ray from it, and the
     run's per-step and epoch losses are those of the run left alone."""
     from gloss_ray.config import TrainConfig
+    from gloss_ray.train.checkpoint import FAIL_STEP_ENV
     from gloss_ray.train.launch import fit
 
-    def cfg(name, **extra):
+    def cfg(name):
         d = _config(data_dir, tiny_model_dir, tmp_path, name)
-        return TrainConfig(**{**d, "batch_size": BATCH // 2, "workers": 2, "max_failures": 1}, extra=extra)
+        return TrainConfig(**{**d, "batch_size": BATCH // 2, "workers": 2, "max_failures": 1})
 
     fit(cfg("whole"))
     marker = tmp_path / "failed-once"
-    fit(cfg("failed", fail_once_after_step=f"8:{marker}"))
+    with monkeypatch.context() as env:
+        env.setenv(FAIL_STEP_ENV, f"8:{marker}")          # the driver's hook reaches the Train workers
+        fit(cfg("failed"))
     assert marker.exists()                                  # it really failed, after step 8
     steps, whole = _rows(tmp_path / "failed" / "steps.csv"), _rows(tmp_path / "whole" / "steps.csv")
     assert [int(r["step"]) for r in steps] == list(range(1, 13))

@@ -149,14 +149,16 @@ def test_train_cli_two_workers_real_minilm(ray_local, data_dir, tmp_path, capsys
     assert np.load(tmp_path / "e.npy").shape == (2, 384)
 
 
-def test_interrupted_run_resumes_with_one_history_row_per_epoch(ray_local, data_dir, tiny_model_dir, tmp_path):
+def test_interrupted_run_resumes_with_one_history_row_per_epoch(ray_local, data_dir, tiny_model_dir, tmp_path,
+                                                                 monkeypatch):
+    from gloss_ray.train.checkpoint import FAIL_ENV
     from gloss_ray.train.launch import fit
 
     marker = tmp_path / "failed-once"
+    monkeypatch.setenv(FAIL_ENV, f"1:{marker}")          # the driver's hook reaches the Train workers
     cfg = TrainConfig(benchmark="mr", data_dir=str(data_dir), model=tiny_model_dir, loss="gloss", epochs=3,
                       max_train=64, max_eval=32, max_length=32, batch_size=16, storage=str(tmp_path), name="resume",
-                      max_failures=1, patience=10, progress=False,
-                      extra={"fail_once_after_epoch": f"1:{marker}"})
+                      max_failures=1, patience=10, progress=False)
     m = fit(cfg)
     assert marker.exists()  # the worker really failed once after epoch 1
     rows = list(csv.DictReader(open(tmp_path / "resume" / "history.csv")))

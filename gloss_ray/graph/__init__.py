@@ -4,10 +4,10 @@ from gloss_ray.graph.index import (BACKEND_CLASSES, BACKENDS, FaissFlatIndex, Fa
                                    FaissIvfIndex, KnnIndex, KnnResult, TorchExactIndex, calibrate, calibration_rows,
                                    choose_backend, exact_knn_torch, faiss_gpu_available, held_out_queries,
                                    label_homophily, make_index, recall_at_k, restore_index)
-from gloss_ray.graph.pseudo import LabelSpreading, propagate_labels_knn
+from gloss_ray.graph.pseudo import LabelSpreading
 
 __all__ = ["BACKEND_CLASSES", "BACKENDS", "EmbeddingBank", "FaissFlatIndex", "FaissGpuIndex", "FaissHnswIndex",
            "FaissIvfIndex", "GlobalNeighbours", "KnnIndex", "KnnResult", "LabelSpreading", "TorchExactIndex",
            "calibrate", "calibration_rows", "choose_backend", "exact_knn_torch", "faiss_gpu_available",
-           "held_out_queries", "label_homophily", "make_index", "propagate_labels_knn", "recall_at_k",
+           "held_out_queries", "label_homophily", "make_index", "recall_at_k",
            "restore_index"]

@@ -68,20 +68,9 @@ class EmbeddingBank:
             self.vectors[idx] = F.normalize(vectors.detach().float(), dim=1).to(self.device, self.dtype)
         self.filled[idx] = True
 
-    def update_online(self, indices: Tensor, vectors: Tensor, momentum: float = 0.0) -> None:
-        """Blend a batch's fresh embeddings into the bank: ``normalise(m * old + (1 - m) * new)``.
-
-        ``momentum = 0`` replaces the rows; rows never filled take the new vector as is.
-        """
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        idx = self._idx(indices)
-        new = F.normalize(vectors.detach().float(), dim=1).to(self.device)
-        if momentum > 0:
-            old = self.vectors[idx].float()
-            blended = F.normalize(momentum * old + (1.0 - momentum) * new, dim=1)
-            new = torch.where(self.filled[idx].unsqueeze(1), blended, new)
-        self.set_rows(idx, new)
+    def update_online(self, indices: Tensor, vectors: Tensor) -> None:
+        """Replace the rows of a batch's documents with its fresh (L2-normalised, detached) embeddings."""
+        self.set_rows(indices, vectors)
 
     def load(self, parts: Iterable[tuple[Tensor, Tensor]], step: Optional[int] = None) -> None:
         """A refresh: write every ``(indices, vectors)`` part (e.g. each worker's re-encoded shard,
@@ -117,11 +106,6 @@ class EmbeddingBank:
         self.version = int(state["version"])
         step = int(state["refreshed_at_step"])
         self.refreshed_at_step = None if step < 0 else step
-
-    @property
-    def fill_fraction(self) -> float:
-        """Fraction of rows written at least once."""
-        return float(self.filled.float().mean()) if self.num_docs else 0.0
 
     def as_tensor(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """The [num_docs, dim] vectors (the bank's own tensor when ``dtype`` is None or equal)."""

@@ -35,6 +35,7 @@ graph needs a refresh at the start of an epoch.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,6 +50,47 @@ from .shared import node_zeros, recheck
 
 # the graph's state holds its index's (KnnIndex.state_dict) under these keys: index_backend, index_faiss, ...
 INDEX_PREFIX = "index_"
+
+
+@dataclass(frozen=True)
+class RefreshDiagnostics:
+    """What one refresh found: its seconds (in all, encoding this worker's shard, building the index,
+    searching the full graph), the index's recall@k on held-out documents against exact search, the kNN
+    graph's label homophily (true labels), the pseudo-labels spread from all known labels (accuracy on the
+    unknown documents, how many pass ``pseudo_confidence``; None when every label is known) and the bytes
+    this worker's bank and index hold (``bank_shared``: the bank's vectors are one copy per node)."""
+    backend: str
+    index_params: dict
+    refresh_s: float
+    encode_s: float
+    index_s: float
+    search_s: float
+    homophily: float
+    recall_at_k: float
+    pseudo_label_accuracy: float | None
+    pseudo_labelled: int | None
+    bank_bytes: int
+    index_bytes: int
+    bank_shared: bool
+
+    HISTORY = ("refresh_s", "encode_s", "index_s", "search_s", "homophily", "recall_at_k", "pseudo_label_accuracy",
+               "pseudo_labelled", "bank_bytes", "index_bytes", "bank_shared")
+
+    def history(self) -> dict:
+        """The epoch's ``history.csv`` columns (the pseudo-label ones only when labels are unknown)."""
+        row = {k: getattr(self, k) for k in self.HISTORY}
+        row["bank_shared"] = int(self.bank_shared)
+        return {k: v for k, v in row.items() if v is not None}
+
+    def describe(self, docs: int, k: int) -> str:
+        """One log line: timings (and encoding rate over ``docs`` documents), quality and memory."""
+        return (f"global graph ({self.backend}): refresh {self.refresh_s:.1f}s (encode {self.encode_s:.1f}s, "
+                f"{docs / max(self.encode_s, 1e-9):.0f} docs/s, index {self.index_s:.2f}s, search "
+                f"{self.search_s:.2f}s), recall@{k} {self.recall_at_k:.3f}, homophily {self.homophily:.3f}"
+                + (f", pseudo-label acc {self.pseudo_label_accuracy:.3f}" if self.pseudo_label_accuracy is not None
+                   else "")
+                + f"; index {self.index_params}, bank {self.bank_bytes / 2**20:.0f} MiB"
+                + (" (one per node)" if self.bank_shared else "") + f", index ~{self.index_bytes / 2**20:.0f} MiB")
 
 
 class GlobalGraph:
@@ -72,51 +114,78 @@ class GlobalGraph:
         self.spreading: LabelSpreading | None = None
         self._knn: tuple[torch.Tensor, torch.Tensor] | None = None   # the refresh's kNN graph, when spreading
         self.refreshed_at_epoch: int | None = None
+        self._diagnostics: RefreshDiagnostics | None = None
         self.lookup_s = 0.0
         self.lookups = 0
 
-    def refresh(self, encode, step: int, epoch: int | None = None) -> dict:
-        """``encode(indices) -> embeddings`` (no grad) for this worker's shard; returns diagnostics.
-        ``step`` and ``epoch`` (1-based) are recorded as the refresh's position (:meth:`refresh_due`)."""
-        rank, world = D.rank_and_world()
+    def refresh(self, encode, step: int, epoch: int | None = None) -> None:
+        """Rebuild the graph from the current encoder: ``encode(indices) -> embeddings`` (no grad) for this
+        worker's shard refills the bank, a new kNN index is built over it, the full kNN graph searched and,
+        in the low-label setting, the pseudo-label spreading set over it. ``step`` and ``epoch`` (1-based)
+        are recorded as the refresh's position (:meth:`refresh_due`); :meth:`diagnostics` describes it."""
         t0 = time.perf_counter()
+        shard, encode_s = self._encode_into_bank(encode, step)
+        t1 = time.perf_counter()
+        index = self._build_index()
+        t2 = time.perf_counter()
+        k = min(self.k, self.bank.num_docs - 1)
+        graph = self._search_sharded(index, self.bank.index_vectors(), k, shard)
+        t3 = time.perf_counter()
+        self._set_spreading(graph)
+        self.neighbours = GlobalNeighbours(self.bank, index)
+        self.refreshed_at_epoch = epoch
+        self._diagnostics = self._measure(index, graph, k, step, (t3 - t0, encode_s, t2 - t1, t3 - t2))
+
+    def diagnostics(self) -> RefreshDiagnostics | None:
+        """What the last refresh of this process found (None before one): timings, recall, homophily,
+        pseudo-labels and memory (module docstring)."""
+        return self._diagnostics
+
+    def _encode_into_bank(self, encode, step: int) -> tuple[list[int], float]:
+        """Re-encode this worker's shard and gather every shard into the bank; returns the shard and the
+        seconds its encoding took."""
+        rank, world = D.rank_and_world()
         self._check_store()
         shard = D.shard_indices(self.bank.num_docs, world, rank)
+        t = time.perf_counter()
         emb = encode(shard).float()
-        t_enc = time.perf_counter() - t0
+        encode_s = time.perf_counter() - t
         parts = D.gather_rows(np.asarray(shard, dtype=np.int64), emb.cpu().to(self.bank.dtype).numpy())
         self.bank.load(((torch.from_numpy(i), torch.from_numpy(v)) for i, v in parts), step)
         D.barrier()                              # a node-shared bank: its writer has written every row
-        t1 = time.perf_counter()
-        # with a node-shared bank the IVF index keeps only its codes and re-ranks against the bank
+        return shard, encode_s
+
+    def _build_index(self) -> KnnIndex:
+        """A kNN index over the whole bank; with a node-shared bank the IVF index keeps only its codes and
+        re-ranks against the bank (codec ``pq-bank``)."""
         backend = choose_backend(self.bank.num_docs, str(self.device), self.backend)
-        index = self.bank.build_index(backend, labelled_only=False,
-                                      **({"codec": "pq-bank"} if self.shared and backend == "faiss-ivf" else {}))
-        vecs = self.bank.index_vectors()
-        t_index = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        n = self.bank.num_docs
-        k = min(self.k, n - 1)
-        graph = self._search_sharded(index, vecs, k, shard)
-        t_search = time.perf_counter() - t2
-        ids = graph.ids.cpu().numpy()
-        diag = {"refresh_s": time.perf_counter() - t0, "encode_s": t_enc, "index_s": t_index, "search_s": t_search,
-                "graph_backend": index.backend, "homophily": label_homophily(ids, self.true_labels)}
-        q = held_out_queries(n, self.diag_queries, index.calib_rows, seed=self.seed + step)
-        diag["recall_at_k"] = tie_aware_recall(vecs.float(), q, torch.as_tensor(ids)[q], k)
+        return self.bank.build_index(backend, labelled_only=False,
+                                     **({"codec": "pq-bank"} if self.shared and backend == "faiss-ivf" else {}))
+
+    def _set_spreading(self, graph: KnnResult) -> None:
+        """With unknown labels, the refresh's kNN graph is the one pseudo-labels spread over."""
         if bool((self.known < 0).any()):
             self._knn = (graph.ids.cpu(), graph.scores.cpu().float())
             self.spreading = LabelSpreading(*self._knn, device=self.device)
+
+    def _measure(self, index: KnnIndex, graph: KnnResult, k: int, step: int,
+                 seconds: tuple[float, float, float, float]) -> RefreshDiagnostics:
+        """The refresh's diagnostics: recall@k on held-out documents against exact search, homophily with
+        the true labels, pseudo-labels spread from all known labels, and memory."""
+        ids = graph.ids.cpu().numpy()
+        q = held_out_queries(self.bank.num_docs, self.diag_queries, index.calib_rows, seed=self.seed + step)
+        pseudo_accuracy = pseudo_labelled = None
+        if self.spreading is not None:
             pred, conf = (t.cpu().numpy() for t in self.spreading.spread(self.known, self.num_classes))
             unknown = self.known.numpy() < 0
-            use = unknown & (pred >= 0) & (conf >= self.pseudo_confidence)
-            diag["pseudo_label_accuracy"] = float((pred[unknown] == self.true_labels[unknown]).mean())
-            diag["pseudo_labelled"] = int(use.sum())
-        self.neighbours = GlobalNeighbours(self.bank, index)
-        diag["bank_bytes"], diag["index_bytes"] = self.bank_bytes(), index.nbytes(self.bank.vectors)
-        diag["bank_shared"] = int(self.shared)    # 1: the bank's vectors are one copy per node
-        self.refreshed_at_epoch = epoch
-        return diag
+            pseudo_accuracy = float((pred[unknown] == self.true_labels[unknown]).mean())
+            pseudo_labelled = int((unknown & (pred >= 0) & (conf >= self.pseudo_confidence)).sum())
+        return RefreshDiagnostics(
+            backend=index.backend, index_params=dict(index.params), refresh_s=seconds[0], encode_s=seconds[1],
+            index_s=seconds[2], search_s=seconds[3], homophily=label_homophily(ids, self.true_labels),
+            recall_at_k=tie_aware_recall(self.bank.index_vectors().float(), q, torch.as_tensor(ids)[q], k),
+            pseudo_label_accuracy=pseudo_accuracy, pseudo_labelled=pseudo_labelled, bank_bytes=self.bank_bytes(),
+            index_bytes=index.nbytes(self.bank.vectors), bank_shared=self.shared)
 
     def _check_store(self) -> None:
         """A node-shared bank whose reserved memory is gone on some node becomes a private one on every

@@ -29,8 +29,8 @@ class LabelSpreading:
     known labels minus those of the step's batch -- at the cost of ``iters`` sparse products each.
 
     ``S`` is a SciPy CSR matrix on CPU and a sparse CSR tensor on a GPU ``device``. One spread costs
-    ``iters`` products of ``S`` (about ``2 k n`` non-zeros) with an ``n x C`` matrix: on one CPU core
-    ~15 ms for 10k docs and 2-8 classes, ~0.3-0.5 s for 100k.
+    ``iters`` products of ``S`` (about ``2 k n`` non-zeros) with an ``n x C`` matrix (timings:
+    docs/benchmarks.md, section 3).
     """
 
     def __init__(self, ids: Array, scores: Array, sigma: Optional[float] = None,
@@ -93,21 +93,6 @@ class LabelSpreading:
         conf = torch.where(has, f.max(dim=1).values / torch.where(has, mass, torch.ones_like(mass)), 0.0)
         pred[known], conf[known] = labels[known], 1.0
         return pred, conf.float()
-
-
-def propagate_labels_knn(ids: np.ndarray, scores: np.ndarray, labels: np.ndarray, num_classes: int,
-                         alpha: float = 0.99, iters: int = 20,
-                         sigma: Optional[float] = None) -> tuple[np.ndarray, np.ndarray]:
-    """Spread ``labels`` ([n], -1 = unknown) over the kNN graph ``ids``/``scores`` ([n, k], -1 padding).
-
-    Returns ``(pred [n] int64, confidence [n] float32)``; known docs keep their label with confidence 1.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    ids = np.asarray(ids)
-    if ids.ndim != 2 or ids.shape[0] != labels.shape[0]:
-        raise ValueError(f"ids {ids.shape} must be [n={labels.shape[0]}, k]")
-    pred, conf = LabelSpreading(ids, scores, sigma).spread(labels, num_classes, alpha, iters)
-    return pred.numpy(), conf.numpy()
 
 
 def _numpy(a: Array, dtype) -> np.ndarray:

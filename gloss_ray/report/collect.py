@@ -156,7 +156,7 @@ def _keep_one_per_seed(runs: list[Run], skipped: list) -> list[Run]:
 
 
 def load_trials(results_dir: Path, skipped: list) -> list[dict]:
-    """Trial records of every ``trials.json`` (a list of dicts, or ``{"trials": [...]}``), each
+    """Trial records of every ``trials.json`` (a list of dicts), each
     with ``benchmark``, ``loss`` (falling back to the folder name ``<benchmark>__<loss>``),
     ``source`` (the file) and ``config`` (a dict); plus those of searches still running or
     interrupted (:func:`unfinished_search_trials`)."""
@@ -170,8 +170,6 @@ def load_trials(results_dir: Path, skipped: list) -> list[dict]:
         except (OSError, ValueError) as e:
             skipped.append((str(path), f"unreadable: {e}"))
             continue
-        if isinstance(data, dict):
-            data = data.get("trials", [])
         bench, _, loss = path.parent.name.partition("__")
         for t in data if isinstance(data, list) else []:
             if isinstance(t, dict):

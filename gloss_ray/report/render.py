@@ -16,7 +16,7 @@ import numpy as np
 
 from .collect import Results, key_rank, search_methods
 from .figures import Drawn, bench_label, value_label
-from .stats import GRAPH_METRICS, METRICS, Summary
+from .stats import GRAPH_METRICS, METRICS, THROUGHPUT_METRICS, Summary
 
 TITLE = "gloss-ray experiment report"
 PAPER_CITATION = "G-Loss paper (arXiv 2604.25853), Table: G-Loss test accuracy"
@@ -34,6 +34,7 @@ def write(results: Results, summary: Summary, drawn: Drawn, out: Path) -> dict[s
     _intro(doc, results, summary)
     _test_results(doc, summary, benches)
     _graph_prediction(doc, summary)
+    _throughput(doc, summary)
     _convergence(doc, summary, drawn, benches)
     _search(doc, results, summary, drawn, benches)
     _embeddings(doc, summary, drawn, benches)
@@ -127,6 +128,24 @@ def _graph_prediction(doc: _Doc, summary: Summary) -> None:
                 pct(r["test_graph_macro_f1_mean"], r["test_graph_macro_f1_std"]),
                 pct(r.get("test_blend_macro_f1_mean"), r.get("test_blend_macro_f1_std")),
                 fmt(r.get("graph_blend_alpha_mean")), fmt(r.get("graph_blend_k_mean"), ".1f")] for r in rows])
+
+
+def _throughput(doc: _Doc, summary: Summary) -> None:
+    """Training throughput of runs that measured it (issue 26): real (non-padding) tokens/s and documents/s
+    over all workers, model-FLOPs utilisation against the device's peak, and the padding share of the tokens
+    computed. No section without such runs."""
+    rows = [r for r in summary.rows if r.get("train_mfu_n")]
+    if not rows:
+        return
+    doc.h(2, "Training throughput")
+    doc.p("Mean over seeds of each run's training epochs: real (non-padding) tokens/s and documents/s summed over "
+          "the workers; MFU = model FLOPs per second / (the device's peak x workers); the peak is a matmul probe "
+          "on CPU or a table entry for known GPUs; padding = share of computed tokens that were padding.")
+    doc.table(["Benchmark", "Loss", "n", "tokens/s", "docs/s", "MFU (%)", "padding (%)", "peak GFLOP/s"],
+              [[bench_label(r["benchmark"]), r["key"], r["train_mfu_n"], fmt(r.get("train_tokens_per_s_mean"), ".0f"),
+                fmt(r.get("train_docs_per_s_mean"), ".1f"), pct(r.get("train_mfu_mean"), r.get("train_mfu_std")),
+                pct(r.get("train_padding_mean")),
+                fmt((r.get("device_peak_flops_mean") or 0) / 1e9 or None, ".1f")] for r in rows])
 
 
 def _convergence(doc: _Doc, summary: Summary, drawn: Drawn, benches: list[str]) -> None:
@@ -253,7 +272,7 @@ def _payload(results: Results, summary: Summary) -> dict:
             "paper": {"citation": PAPER_CITATION, "test_accuracy_percent": PAPER_ACCURACY},
             "runs": [{"dir": str(r.dir), "key": r.key, **{k: r.m.get(k) for k in (
                 "benchmark", "loss", "seed", "stage", "device", "num_workers", *METRICS)},
-                **{k: r.m[k] for k in GRAPH_METRICS if k in r.m}}
+                **{k: r.m[k] for k in GRAPH_METRICS + THROUGHPUT_METRICS if k in r.m}}
                 for r in results.runs],
             "skipped": [{"path": p, "reason": why} for p, why in results.skipped]}
 

@@ -24,6 +24,8 @@ DIFF_METRICS = ("test_accuracy", "test_macro_f1")
 GRAPH_METRICS = ("test_classifier_macro_f1", "test_graph_accuracy", "test_graph_macro_f1", "test_blend_accuracy",
                  "test_blend_macro_f1", "val_classifier_macro_f1", "val_graph_macro_f1", "val_blend_macro_f1",
                  "graph_blend_alpha", "graph_blend_k", "graph_k", "graph_predict_s")
+# training throughput (issue 26; metrics.json of runs since then): in a row only when one of its runs has them
+THROUGHPUT_METRICS = ("train_tokens_per_s", "train_docs_per_s", "train_mfu", "train_padding", "device_peak_flops")
 DIFF_FIELDS = ("mean_diff", "ci_low", "ci_high", "p_value", "n_pairs")   # copied into the row
 N_BOOTSTRAP = 10_000
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"    # a run without --model used the packaged default encoder
@@ -108,7 +110,8 @@ def _row(bench: str, key: str, rs: list[Run]) -> dict:
            "encoder": next((cfg[k] for k in ("model", "encoder", "model_name") if cfg.get(k)),
                            DEFAULT_ENCODER if "model" in cfg else None),
            "n_seeds": len(rs), "seeds": [r.m["seed"] for r in rs]}
-    for name in METRICS + tuple(g for g in GRAPH_METRICS if any(g in r.m for r in rs)):
+    optional = tuple(g for g in GRAPH_METRICS + THROUGHPUT_METRICS if any(g in r.m for r in rs))
+    for name in METRICS + optional:
         s = describe([r.m.get(name) for r in rs])
         row.update({f"{name}_mean": s["mean"], f"{name}_std": s["std"], f"{name}_n": s["n"]})
     return row

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from .plan import Plan, SweepOptions, base_configs, log, make_plan, parse_loss_spec, parse_sets
 
-__all__ = ["SweepOptions", "base_configs", "main", "parse_loss_spec", "parse_sets"]
+__all__ = ["Plan", "SweepOptions", "base_configs", "main", "make_plan", "parse_loss_spec", "parse_sets"]
 
 
 def _searches(plan: Plan, concurrency: int) -> tuple[list, list[str]]:
@@ -114,12 +114,14 @@ def _report_tracker(plan: Plan):
     return tracked
 
 
-def main(opts: SweepOptions) -> int:
-    """``gloss-ray tune`` / ``gloss-ray bench`` (see the module docstring); returns the exit status."""
+def main(plan: Plan) -> int:
+    """``gloss-ray tune`` / ``gloss-ray bench`` of a :func:`make_plan` whose benchmarks the driver has
+    (:func:`gloss_ray.cli.fetch_data`; see the module docstring); returns the exit status."""
     from ..train.launch import init_ray
     from .runs import default_concurrency, fill_cpus, run_many
 
-    plan = make_plan(opts)                      # every input checked; nothing started or written yet
+    opts = plan.options
+    plan.preflight()                            # data and model; nothing started or written yet
     if plan.space is not None:
         from .ray_cleanup import check_ray_version
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from ..config import TrainConfig
+from ..config import TrainConfig, read_sources
 from ..errors import ConfigError
 from ..options import dense_to_none, load_yaml
 from ..storage import absolute, join, redact
@@ -111,38 +111,32 @@ def base_configs(opts: SweepOptions, benchmarks: list[str], losses: list[str]) -
     ``workers``, ``gpu`` and ``set``. A spec's ``+global`` turns the global graph on (``global_k``
     from the options, else 16); when some spec has it, the specs without it run without the global
     graph (so ``ce,gloss,gloss+global`` compares the three). ``@F`` sets ``label_fraction``. Bad
-    options, a missing benchmark or model fail here, in one line, before any run starts."""
-    from ..download import find_or_download
-    from ..train.launch import preflight
-
+    options fail here, in one line, before any run starts; the data and the model are checked by
+    :meth:`Plan.preflight`, once the driver has the data (:func:`gloss_ray.cli.fetch_data`)."""
     overrides = {"workers": opts.workers, **({"gpu": True} if opts.gpu else {}),
                  **{k: v for k in ("report_to", "tracking_uri") if (v := getattr(opts, k, None))},
                  **parse_sets(opts.set)}
+    options, source = read_sources(opts.config, overrides)
     bases = {}
     specs = {spec: parse_loss_spec(spec) for spec in losses}
     compare_global = any(glob for _, glob, _ in specs.values())
     for b in benchmarks:
         for spec, (loss, glob, frac) in specs.items():
-            # read the options as a G-Loss run (which accepts every option), then apply the spec
-            d = TrainConfig.from_sources(opts.config, {**overrides, "benchmark": b, "loss": "gloss"}).to_dict()
-            d["loss"] = loss
+            d = {**options, "benchmark": b, "loss": loss}
             if compare_global:
-                d["global_k"] = (d["global_k"] or GLOBAL_K_DEFAULT) if glob else 0
+                d["global_k"] = (d.get("global_k") or GLOBAL_K_DEFAULT) if glob else 0
             if frac is not None:
                 d["label_fraction"] = frac
-            cfg = TrainConfig.from_dict(d, source=f"--losses {spec}").resolved()
-            cfg.data_dir = str(find_or_download(b, cfg.data_dir))
-            if spec == losses[0]:
-                preflight(cfg)
-            bases[(b, spec)] = cfg.to_dict()
+            bases[(b, spec)] = TrainConfig.from_dict(d, source=f"{source} with --losses {spec}").resolved().to_dict()
     return bases
 
 
-def run_config(base: dict, params: dict, seed: int, storage: str, name: str, stage: str, **extra) -> TrainConfig:
+def run_config(base: dict, params: dict, seed: int, storage: str, name: str, stage: str,
+               trial_id: str | None = None) -> TrainConfig:
     """One run of a sweep: ``base`` + ``params`` (a trial's sample or the best one), written to
-    ``<storage>/<name>``; ``stage`` (trial, final, bench) and ``extra`` go to ``cfg.extra``."""
-    d = {**base, **params, "seed": seed, "storage": storage, "name": name,
-         "extra": {**(base.get("extra") or {}), **extra, "stage": stage}}
+    ``<storage>/<name>``, of ``stage`` (trial, final, bench) and, for a trial or the final runs of the
+    best one, ``trial_id``."""
+    d = {**base, **params, "seed": seed, "storage": storage, "name": name, "stage": stage, "trial_id": trial_id}
     return TrainConfig.from_dict(d, source=f"{stage} run {name}")
 
 
@@ -161,6 +155,14 @@ class Plan:
     search_alg: str = algorithms.DEFAULT_SEARCH_ALG
     scheduler: str = algorithms.DEFAULT_SCHEDULER
 
+    def preflight(self) -> None:
+        """Check every benchmark's data and the model on the driver (one line on a problem), before Ray
+        starts: the first loss spec's base configuration of each benchmark."""
+        from ..train.launch import preflight
+
+        for b in self.benchmarks:
+            preflight(TrainConfig.from_dict(self.bases[(b, self.losses[0])]))
+
     @property
     def stage(self) -> str:
         return "final" if self.space is not None else "bench"
@@ -169,10 +171,10 @@ class Plan:
              trial_id: str | None = None) -> list[tuple[str, TrainConfig]]:
         """``(label, cfg)`` of one benchmark x loss's final (``params`` of the best trial
         ``trial_id``) or bench runs, one per seed, in ``runs/<benchmark>/<loss>/seed<k>``."""
-        base, extra = self.bases[(benchmark, loss)], ({"trial_id": trial_id} if trial_id else {})
+        base = self.bases[(benchmark, loss)]
         where = join(self.sweep_dir, "runs", benchmark, loss)
         return [(f"{self.stage} {benchmark} x {loss} seed {k}",
-                 run_config(base, params or {}, k, where, f"seed{k}", self.stage, **extra))
+                 run_config(base, params or {}, k, where, f"seed{k}", self.stage, trial_id))
                 for k in range(self.options.seeds)]
 
 
@@ -218,7 +220,7 @@ def _tracking(opts: SweepOptions, bases: dict, name: str) -> None:
         tracking.fill_defaults(d, absolute(opts.storage), name)
         cfg = TrainConfig.from_dict(d, source="--report-to")
         tracking.prepare(cfg)
-        d.update(experiment=cfg.experiment, tracking_uri=cfg.tracking_uri, extra=cfg.extra)
+        d.update(experiment=cfg.experiment, tracking_uri=cfg.tracking_uri, git_commit=cfg.git_commit)
 
 
 def make_plan(opts: SweepOptions) -> Plan:

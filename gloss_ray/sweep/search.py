@@ -43,6 +43,10 @@ from .trials import best_trial
 TRIAL_RESOURCES = {"CPU": 0, "memory": 1}
 STATUSES = ("TERMINATED", "STOPPED_EARLY", "ERROR")
 ENDED = "trial_ended.json"   # written into a trial's folder when Tune ends it (not when interrupted)
+# Trials not yet finished when Tune's last step of a fit ended (set by _SearchCallback in this, the driver, process;
+# a module global, because a restored Tuner runs the callback instance pickled with it, not a new one). More than
+# none means Tune stopped on Ctrl-C: its cleanup then marks the running trials TERMINATED too.
+_LAST_STEP: dict[str, int] = {}
 
 
 def search_seed(seed: int, benchmark: str, loss: str) -> int:
@@ -236,6 +240,9 @@ class _SearchCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trials, trial, False)
 
+    def on_step_end(self, iteration, trials, **info):
+        _LAST_STEP["unfinished"] = sum(not t.is_finished() for t in trials)
+
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end(trials, trial, True)
 
@@ -380,11 +387,15 @@ def run_search(sweep_dir: str, benchmark: str, loss: str, base: dict, space: Spa
                    trials=trials, epochs=epochs, grace_epochs=grace_epochs, concurrency=concurrency,
                    callbacks=[StopTrainRuns(registry), _SearchCallback(label, trials, epochs)],
                    search_alg=search_alg, scheduler=scheduler)
+    _LAST_STEP.clear()
     with released(registry):
         results = tuner.fit()      # a failed trial is an entry of the ResultGrid, not an exception
-    ended = sum(exists(join(r.path, ENDED)) for r in results)
-    if ended < max(len(results), trials):   # Tune returns normally after Ctrl-C; the state is saved
-        log(f"search {label}: interrupted with {ended} of {trials} trials done")
+    # Tune returns normally after Ctrl-C (its state saved). Whether every trial had ended comes from Tune's last
+    # step, not from the ENDED markers: a restored search whose earlier trials lost theirs (a copy of the folder
+    # without them) ends at once, with no step, and is complete.
+    unfinished = _LAST_STEP.get("unfinished", 0) + max(0, trials - len(results))
+    if unfinished:
+        log(f"search {label}: interrupted with {trials - unfinished} of {trials} trials done")
         raise KeyboardInterrupt
     records = trial_records(results, benchmark, loss, epochs, space.metric, space.mode,
                             "gpu" if base["gpu"] else "cpu", base["workers"], method)

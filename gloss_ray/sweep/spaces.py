@@ -31,7 +31,7 @@ distribution (bounds as in :mod:`ray.tune`):
 * ``{randint: [lo, hi]}``              integer in [lo, hi) -- *hi is exclusive* (``tune.randint``);
 * ``{quniform: [lo, hi, q]}``          float in [lo, hi] rounded to a multiple of q > 0.
 
-Parameters are the options of :data:`gloss_ray.options.OPTIONS` marked ``searchable``
+Parameters are the options of :data:`gloss_ray.config.OPTIONS` marked ``searchable``
 (:data:`KNOWN_PARAMS`); every constant, choice and range bound is checked with that option's own
 check, so a space accepts exactly what a config file does. Integer options (``k``, ``batch_size``,
 ``epochs``, ``global_k``, ...) take constants, ``choice`` or ``randint`` only. ``k: null`` and
@@ -49,7 +49,6 @@ e.g. ``tune_spaces/x.yaml: overrides.r52.k: randint low 0 is invalid: must be >=
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,16 +56,13 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from ..options import BENCHMARKS, LOSSES, OPTIONS, Option, dense_to_none, load_yaml
+from ..config import OPTIONS
+from ..options import BENCHMARKS, LOSSES, Option, dense_to_none, is_number, load_yaml
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "quniform")
 TOP_LEVEL_KEYS = ("loss", "losses", "params", "overrides", "metric", "mode", "description")
 # the parameters a space may set: the searchable options, with their checks
 KNOWN_PARAMS: dict[str, Option] = {name: opt for name, opt in OPTIONS.items() if opt.searchable}
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # --------------------------------------------------------------------------- spec objects
@@ -162,7 +158,7 @@ def _parse_spec(ctx: _Ctx, where: str, name: str, raw: Any) -> Any:
     if param.integer and kind != "randint":
         raise ctx.fail(where, f"{name} is an integer: use randint or choice, not {kind}")
     nargs = 3 if kind == "quniform" else 2
-    if len(args) != nargs or not all(_is_num(a) for a in args):
+    if len(args) != nargs or not all(is_number(a) for a in args):
         raise ctx.fail(where, f"{kind} needs {nargs} numbers, got {args!r}")
     lo, hi = args[0], args[1]
     if lo >= hi:

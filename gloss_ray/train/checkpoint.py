@@ -23,9 +23,10 @@ Every ``.pt`` file is loaded with ``torch.load(weights_only=True)``: tensors and
 only. Anyone who can write to a run's storage (a shared bucket) could otherwise run code on every
 worker of the resumed run; a file holding anything else is refused with :class:`CheckpointError`.
 
-Testing hook: ``GLOSS_RAY_FAIL_ONCE_AFTER_EPOCH`` (or ``cfg.extra["fail_once_after_epoch"]``) set
-to ``"EPOCH:MARKER_FILE"`` makes rank 0 fail once, right after EPOCH's checkpoint, to exercise resume;
-``cfg.extra["fail_once_after_step"] = "STEP:MARKER_FILE"`` the same after the step checkpoint of STEP.
+Testing hooks: the environment variable ``GLOSS_RAY_FAIL_ONCE_AFTER_EPOCH`` set to ``"EPOCH:MARKER_FILE"``
+makes rank 0 fail once, right after EPOCH's checkpoint, to exercise resume; ``GLOSS_RAY_FAIL_ONCE_AFTER_STEP``
+set to ``"STEP:MARKER_FILE"`` the same after the step checkpoint of global step STEP (the launcher hands
+the driver's values to the Ray Train workers: :func:`fail_once_env`).
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ from ..errors import GlossRayError
 from ..model import unwrap
 
 FAIL_ENV = "GLOSS_RAY_FAIL_ONCE_AFTER_EPOCH"
+FAIL_STEP_ENV = "GLOSS_RAY_FAIL_ONCE_AFTER_STEP"
+FAIL_ENVS = {"epoch": FAIL_ENV, "step": FAIL_STEP_ENV}
 
 
 class CheckpointError(GlossRayError):
@@ -153,16 +156,21 @@ def save_step(run, partial: dict, mine: dict) -> None:
               run.data.steps_per_epoch}
     save_and_report(run.session, report, state, run.model, run.optimizer, run.scheduler, run.best_weights,
                     run.rank, run.graph)
-    maybe_fail_once(run.cfg, state["global_step"], run.rank, unit="step")
+    maybe_fail_once(state["global_step"], run.rank, unit="step")
 
 
-def maybe_fail_once(cfg, epoch: int, rank: int, unit: str = "epoch") -> None:
-    """The resume tests' hook (module docstring): raise once after ``epoch``'s checkpoint; with
-    ``unit="step"``, after the step checkpoint of that global step (``cfg.extra["fail_once_after_step"]``)."""
-    fail = cfg.extra.get(f"fail_once_after_{unit}") or (os.environ.get(FAIL_ENV) if unit == "epoch" else None)
+def fail_once_env() -> dict:
+    """The resume tests' hooks as this process has them, for the workers' environment ({} when unset)."""
+    return {name: os.environ[name] for name in FAIL_ENVS.values() if os.environ.get(name)}
+
+
+def maybe_fail_once(epoch: int, rank: int, unit: str = "epoch") -> None:
+    """The resume tests' hooks (module docstring): raise once after ``epoch``'s checkpoint; with
+    ``unit="step"``, after the step checkpoint of that global step (``GLOSS_RAY_FAIL_ONCE_AFTER_STEP``)."""
+    fail = os.environ.get(FAIL_ENVS[unit])
     if not fail or rank != 0:
         return
     fail_epoch, marker = fail.split(":", 1)
     if int(fail_epoch) == epoch and not os.path.exists(marker):
         Path(marker).write_text("failed once\n")
-        raise RuntimeError(f"{FAIL_ENV}: simulated worker failure after {unit} {epoch}")
+        raise RuntimeError(f"{FAIL_ENVS[unit]}: simulated worker failure after {unit} {epoch}")

@@ -111,7 +111,8 @@ def _worker(config: dict) -> None:
 
 def fit(cfg: TrainConfig, callbacks: list | None = None, start_checkpoint=None) -> dict:
     """Run (or resume) one fine-tuning job on Ray Train; returns the run's ``metrics.json``.
-    ``cfg`` is not changed: paths are resolved, the name and CPUs chosen, on a copy.
+    ``cfg`` is not changed: paths are resolved, the benchmark's data folder found (never downloaded:
+    :func:`gloss_ray.cli.fetch_data` does that), the name and CPUs chosen, on a copy.
 
     ``callbacks`` go to ``RunConfig(callbacks=...)`` (e.g. Ray Tune's ``TuneReportCallback`` when a
     Tune trial launches this trainer, so per-epoch metrics reach the scheduler).
@@ -121,12 +122,13 @@ def fit(cfg: TrainConfig, callbacks: list | None = None, start_checkpoint=None) 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    cfg = cfg.resolved()             # paths as the user meant them: workers run in other folders
-    if cfg.benchmark:
-        from ..download import find_or_download
+    from .checkpoint import fail_once_env
 
-        # found (or downloaded) once, here; pinned: workers may not share the driver's env
-        cfg.data_dir = str(find_or_download(cfg.benchmark, cfg.data_dir))
+    from ..data import find_benchmark
+
+    cfg = cfg.resolved()             # paths as the user meant them: workers run in other folders
+    if cfg.benchmark:                # the data folder found here is pinned: workers may not share the driver's env
+        cfg.data_dir = str(find_benchmark(cfg.benchmark, cfg.data_dir))
     preflight(cfg)
     cfg.name = cfg.run_name
     tracking.prepare(cfg)            # --report-to: packages, defaults, the MLflow experiment, git commit
@@ -151,11 +153,12 @@ def fit(cfg: TrainConfig, callbacks: list | None = None, start_checkpoint=None) 
             # ...") stay in its log files; the console gets its warnings and gloss-ray's lines.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=callbacks,
+            worker_runtime_env={"env_vars": fail_env} if (fail_env := fail_once_env()) else None,
         ),
     )
     msg = (f"[gloss-ray] run {cfg.name}: {cfg.workers} worker(s){' on GPU' if cfg.gpu else ''} x "
            f"{cfg.cpus_per_worker:g} CPU, outputs -> {run_dir}")
-    if not cfg.extra.get("stage"):      # a sweep's runs resume with the sweep's command, which says so itself
+    if cfg.stage is None:      # a sweep's runs resume with the sweep's command, which says so itself
         msg += f"\n[gloss-ray] to resume after an interruption, run the same command with --name {cfg.name}"
     print(redact(msg), flush=True)
     try:

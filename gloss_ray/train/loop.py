@@ -18,9 +18,10 @@ The parts the steps share travel together in a :class:`Run`.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from .inputs import WorkerData, load_worker_data
 from .objective import TrainingObjective, build_auxiliary
 from .outputs import finish
 from .session import peak_rss_kib, quiet_libraries, rank0_printer, seed_all, seed_rank_streams
+
+if TYPE_CHECKING:
+    from ..graph.global_graph import RefreshDiagnostics
 
 
 @dataclass
@@ -121,8 +125,11 @@ def run_epoch(run: Run, epoch: int) -> bool:
     cfg, state, log = run.cfg, run.state, run.log
     t0 = time.time()
     partial = state.pop("partial", None) or {}       # the epoch in progress of a step checkpoint
-    diag = refresh_graph(run.graph, cfg, epoch, run.model, run.data, run.device, state["global_step"], log) \
-        or partial.get("diag", {})
+    diag = refresh_graph(run.graph, cfg, epoch, run.model, run.data, run.device, state["global_step"], log)
+    if diag is None and partial.get("diag"):         # this epoch's refresh, done before the step checkpoint
+        from ..graph.global_graph import RefreshDiagnostics
+
+        diag = RefreshDiagnostics(**partial["diag"])
     clock = lambda: partial.get("epoch_time_s", 0.0) + time.time() - t0   # noqa: E731
     sums, speed = train_epoch(run, epoch, partial, diag, clock)
     val, _, _ = evaluate(run.model, run.data, run.data.eval_sets["validation"], run.device)
@@ -141,7 +148,7 @@ def run_epoch(run: Run, epoch: int) -> bool:
     run.trackers.log_metrics(row, state["global_step"])
     checkpoint.save_and_report(run.session, row, state, run.model, run.optimizer, run.scheduler, run.best_weights,
                                run.rank, run.graph)
-    checkpoint.maybe_fail_once(cfg, epoch, run.rank)
+    checkpoint.maybe_fail_once(epoch, run.rank)
     return should_stop(cfg, epoch, state, run.data.total_steps, log)
 
 
@@ -212,30 +219,27 @@ def calibrate(objective: TrainingObjective, state: dict, model, data: WorkerData
 
 
 # ---------------------------------------------------------------------------------------------- an epoch
-def refresh_graph(graph, cfg: TrainConfig, epoch: int, model, data: WorkerData, device, step: int, log) -> dict:
+def refresh_graph(graph, cfg: TrainConfig, epoch: int, model, data: WorkerData, device, step: int, log):
     """Re-encode the corpus and rebuild the global graph every ``refresh_every`` epochs (epochs 1,
-    1 + refresh_every, ...). A resumed run goes on with the graph of its checkpoint: it refreshes only
-    where the uninterrupted run would have."""
+    1 + refresh_every, ...); returns the refresh's :class:`~gloss_ray.graph.global_graph.RefreshDiagnostics`,
+    None in an epoch without one. A resumed run goes on with the graph of its checkpoint: it refreshes
+    only where the uninterrupted run would have."""
     if graph is None or not graph.refresh_due(epoch, cfg.refresh_every):
-        return {}
+        return None
 
     def encode_shard(rows):
         with encoding_bar(cfg, f"refresh: encode {len(rows)} docs", len(rows)) as bar:
             return encode(model, data.loader_for(data.full_train, rows), device, progress=bar)[1].to(device)
 
-    d = graph.refresh(encode_shard, step, epoch)
-    log(f"[gloss-ray] global graph ({d['graph_backend']}): refresh {d['refresh_s']:.1f}s (encode "
-        f"{d['encode_s']:.1f}s, {len(data.full_train) / max(d['encode_s'], 1e-9):.0f} docs/s, index "
-        f"{d['index_s']:.2f}s, search {d['search_s']:.2f}s), recall@{cfg.global_k} "
-        f"{d['recall_at_k']:.3f}, homophily {d['homophily']:.3f}"
-        + (f", pseudo-label acc {d['pseudo_label_accuracy']:.3f}" if "pseudo_label_accuracy" in d else "")
-        + f"; index {graph.neighbours.index.params}, bank {d['bank_bytes'] / 2**20:.0f} MiB"
-        + (" (one per node)" if d["bank_shared"] else "") + ", index "
-        f"~{d['index_bytes'] / 2**20:.0f} MiB, peak RSS so far {peak_rss_kib() / 1024:.0f} MB")
-    return d
+    graph.refresh(encode_shard, step, epoch)
+    diag = graph.diagnostics()
+    log(f"[gloss-ray] {diag.describe(len(data.full_train), cfg.global_k)}, "
+        f"peak RSS so far {peak_rss_kib() / 1024:.0f} MB")
+    return diag
 
 
-def train_epoch(run: Run, epoch: int, partial: dict, diag: dict, clock: Callable[[], float]) -> tuple[list[float], dict]:
+def train_epoch(run: Run, epoch: int, partial: dict, diag: RefreshDiagnostics | None,
+                clock: Callable[[], float]) -> tuple[list[float], dict]:
     """One pass over this rank's slices of the epoch's global batches -- from where a step checkpoint
     left it (``partial``) -- returns the epoch's summed (total, ce, aux, steps) over all ranks, and its
     throughput: the :class:`Meter` sums of all ranks (seconds: their mean) with their rates against
@@ -279,7 +283,9 @@ def train_epoch(run: Run, epoch: int, partial: dict, diag: dict, clock: Callable
         if state["global_step"] >= data.total_steps:
             break
         if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0 and done < data.steps_per_epoch:
-            checkpoint.save_step(run, {"batches": done, "epoch_time_s": clock(), "diag": diag}, acc.to_dict())
+            checkpoint.save_step(run, {"batches": done, "epoch_time_s": clock(),
+                                       "diag": dataclasses.asdict(diag) if diag is not None else None},
+                                 acc.to_dict())
             t = time.perf_counter()       # the checkpoint's time is not the next step's
     summed = D.all_sum(acc.sums.tolist() + [acc.meter.sums[k] for k in Meter.FIELDS], run.device)
     speed = dict(zip(Meter.FIELDS, summed[4:]))
@@ -372,7 +378,7 @@ def history_row(epoch, sums, val, epoch_time, state, scheduler, objective, graph
            **objective.log_values(state["global_step"] - 1), "epoch_time_s": epoch_time, "elapsed_s": state["elapsed_s"],
            **{f"train_{k}": v for k, v in speed.items()}}
     if graph is not None:
-        row.update({k: v for k, v in diag.items() if k != "graph_backend"}, lookup_s=graph.take_lookup_seconds())
+        row.update(diag.history() if diag is not None else {}, lookup_s=graph.take_lookup_seconds())
     return row
 
 

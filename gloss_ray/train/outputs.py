@@ -91,7 +91,7 @@ def write_rows(path, rows: list[dict]) -> None:
 
 def write_outputs(cfg, run_dir, final, history, model, tokenizer, label_names, test_emb, test_labels,
                   graph=None, steps=(), trackers=None, step: int = 0) -> None:
-    final = redact({**final, "config": cfg.to_dict(), "stage": cfg.extra.get("stage", "final")})  # no credentials
+    final = redact({**final, "config": cfg.to_dict(), "stage": cfg.stage or "final"})  # no credentials
     with staged_output(run_dir) as out:
         (out / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
         write_rows(out / "history.csv", history)

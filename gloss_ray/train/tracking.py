@@ -37,6 +37,7 @@ import os
 import subprocess
 from pathlib import Path
 
+from ..config import OPTIONS
 from ..errors import ConfigError
 from ..storage import absolute, is_uri, join, redact
 
@@ -98,7 +99,7 @@ def git_commit() -> str:
 def prepare(cfg) -> None:
     """On the driver, before Ray starts (``cfg`` resolved, changed in place): trackers installed,
     defaults filled, tensorboard's folder local, the MLflow experiment created, the git commit in
-    ``cfg.extra``. A problem is a :class:`ConfigError` naming the option."""
+    ``cfg.git_commit``. A problem is a :class:`ConfigError` naming the option."""
     trackers = cfg.trackers
     if not trackers:
         return
@@ -109,7 +110,7 @@ def prepare(cfg) -> None:
     if "tensorboard" in trackers and is_uri(cfg.storage):
         raise ConfigError(f"--report-to tensorboard: writes event files into the run's folder, which must be "
                           f"local; --storage {redact(cfg.storage)} is not (use mlflow with --tracking-uri)")
-    cfg.extra.setdefault("git_commit", git_commit())
+    cfg.git_commit = cfg.git_commit or git_commit()
     if "mlflow" in trackers:
         experiment_id(cfg.tracking_uri, cfg.experiment)
 
@@ -162,28 +163,29 @@ def log_report(tracking_uri: str, experiment: str, sweep_dir: str, folder) -> st
 
 # --------------------------------------------------------------------------------------------- worker side
 def params_of(cfg) -> dict:
-    """The run's options as MLflow / W&B parameters: the configuration without ``extra``, flattened by
-    Ray's integrations, credentials redacted, None written ``None``."""
-    d = {k: v for k, v in cfg.to_dict().items() if k != "extra"}
+    """The run's options as MLflow / W&B parameters: the configuration's flags (its provenance --
+    command, stage, trial id, git commit -- goes to the tags), flattened by Ray's integrations,
+    credentials redacted, None written ``None``."""
+    d = {k: v for k, v in cfg.to_dict().items() if OPTIONS[k].flag}
     return redact({k: ("None" if v is None else v if isinstance(v, (int, float, str, bool)) else str(v))
                    for k, v in d.items()})
 
 
 def tags_of(cfg, run_key: str) -> dict:
-    commit = cfg.extra.get("git_commit") or git_commit()
+    commit = cfg.git_commit or git_commit()
     tags = {"benchmark": cfg.benchmark or Path(cfg.train_file or cfg.hf_dataset or "corpus").stem,
             "loss": cfg.loss, "seed": str(cfg.seed), "git_commit": commit, "mlflow.source.git.commit": commit,
-            "stage": cfg.extra.get("stage", "train"), RUN_KEY: run_key}
-    if cfg.extra.get("trial_id"):
-        tags["trial_id"] = cfg.extra["trial_id"]
+            "stage": cfg.stage or "train", RUN_KEY: run_key}
+    if cfg.trial_id:
+        tags["trial_id"] = cfg.trial_id
     return redact(tags)
 
 
 def run_key(cfg, run_dir: str) -> str:
     """What names one tracked run across resumes: the trial id in a sweep's search (all of a PBT
     trial's Train runs), else the run's folder."""
-    if cfg.extra.get("stage") == "trial" and cfg.extra.get("trial_id"):
-        return f"trial:{cfg.experiment}/{cfg.extra['trial_id']}"
+    if cfg.stage == "trial" and cfg.trial_id:
+        return f"trial:{cfg.experiment}/{cfg.trial_id}"
     return f"run:{redact(run_dir)}"
 
 
@@ -272,9 +274,9 @@ class WandbTracker:
             os.makedirs(local, exist_ok=True)
         self.run = setup_wandb(params_of(cfg), rank_zero_only=False, project=cfg.experiment,
                                trial_id=hashlib.sha1(key.encode()).hexdigest()[:16], trial_name=cfg.name,
-                               group=cfg.extra.get("stage", "train"), dir=local, resume="allow",
+                               group=cfg.stage or "train", dir=local, resume="allow",
                                tags=[f"{k}:{v}" for k, v in tags_of(cfg, key).items()
-                                     if k in ("benchmark", "loss", "seed", "stage")] + [f"git:{cfg.extra.get('git_commit', '')[:12]}"])
+                                     if k in ("benchmark", "loss", "seed", "stage")] + [f"git:{(cfg.git_commit or '')[:12]}"])
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         self.run.log(_numbers(metrics), step=step)

@@ -1,4 +1,6 @@
-"""Clustered synthetic unit vectors for tests and benchmarks of the global document graph.
+"""Clustered synthetic unit vectors for the tests and benchmarks of the global document graph
+(``from synthetic import clustered_unit_vectors``, with this folder on ``sys.path``: pytest puts it there;
+``benchmarks/global_graph.py`` does).
 
 Each of ``num_clusters`` classes has a random unit centre and a random ``rank``-dimensional
 subspace; a document is ``centre + spread * (subspace coordinates) + noise`` normalised, so
