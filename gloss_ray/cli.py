@@ -24,7 +24,7 @@ import yaml
 
 from .config import OPTIONS, PATHS_NOTE, TrainConfig
 from .data import CACHE_ENV, cache_dir
-from .options import BENCHMARKS, LOSSES
+from .options import BENCHMARKS, LOSSES, TRACKERS
 from .errors import GlossRayError
 from .storage import redact
 from .sweep.algorithms import SCHEDULERS, SEARCH_ALGS
@@ -180,6 +180,17 @@ def _add_sweep_options(p):
                    help="run on GPUs, one per worker (default: CPU); not yet run on a GPU, tested on CPU only")
     p.add_argument("--concurrency", type=int, default=None,
                    help="runs (trials) at a time (default: as many as the cluster's GPUs, or CPUs, hold)")
+    p.add_argument("--report-to", default=None, metavar="TRACKERS",
+                   help=f"experiment trackers every run of the sweep logs to, comma-separated, of {', '.join(TRACKERS)}: "
+                        "as gloss-ray train --report-to; MLflow gets one run per trial and per final / bench run, "
+                        "all under one experiment named after the sweep (--set experiment=NAME to change it), "
+                        "and the sweep's report as artifacts of one more run; --set log_every=N sets the steps "
+                        "between per-step metric rows, --set log_model=true adds each run's model folder "
+                        "(default: none)")
+    p.add_argument("--tracking-uri", default=None, metavar="URI",
+                   help="MLflow tracking URI with --report-to mlflow: a server (http://host:5000) or a database "
+                        "(sqlite:///path/mlflow.db) (default: sqlite:///<storage>/mlflow.db, artifacts in "
+                        "<storage>/mlartifacts; --storage must then be a local folder)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep finished runs' and trials' Train checkpoints, about 350 MB each for MiniLM "
                         "(default: deleted once a run's metrics are written; models and metrics stay)")

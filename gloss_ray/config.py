@@ -20,8 +20,9 @@ import yaml
 from .errors import ConfigError
 from .graph.index import BACKENDS, EXACT_MAX_N
 from .options import (BENCHMARKS, CLASS_WEIGHTS, DEFAULT_MARGIN, INDEXES, LOSS_INFO, LOSSES, MASKS, POOLINGS,
-                      SCHEDULE_KINDS, SIGMA_STRATEGIES, STAGES, VARIANTS, Option, boolean, dense_to_none,
-                      load_yaml, number, one_of, option, path, schedule_spec, sigma_spec, text)
+                      SCHEDULE_KINDS, SIGMA_STRATEGIES, STAGES, TRACKERS, VARIANTS, Option, boolean, dense_to_none,
+                      load_yaml, number, one_of, option, path, report_to, schedule_spec, sigma_spec, text,
+                      trackers_spec)
 from .storage import absolute, is_uri
 
 SCHEDULE_FORMS = (f"{' | '.join(SCHEDULE_KINDS)} (a kind ramps from 10%% of the value to the value over "
@@ -204,6 +205,32 @@ class TrainConfig:
         "folder of the tokenisation cache: tokenised texts as Arrow files, keyed by tokenizer, max "
         "length and texts, re-used by later runs (default: ~/.cache/gloss_ray/tokens)", path=True)
     progress: bool = option(True, boolean, "do not show the per-step progress bar on stderr (default: shown)")
+    # experiment tracking, per-step metrics and step checkpoints (issue 24; gloss_ray.train.tracking)
+    report_to: str | None = option(None, trackers_spec,
+        f"experiment trackers the run logs to, comma-separated, of {', '.join(TRACKERS)}, through Ray's "
+        "integrations: parameters, per-step metrics every --log-every steps, every epoch's metrics, the "
+        "final scores, tags (benchmark, loss, seed, git commit) and the report files as artifacts; "
+        "tensorboard writes event files into <storage>/<name>/tensorboard; wandb follows WANDB_MODE "
+        "(offline: files under <storage>/<name>/wandb) (default: none)")
+    tracking_uri: str | None = option(None, text("sqlite:///<storage>/mlflow.db"),
+        "MLflow tracking URI of --report-to mlflow: a server (http://host:5000) or a database "
+        "(sqlite:///path/mlflow.db) (default: sqlite:///<storage>/mlflow.db, artifacts in "
+        "<storage>/mlartifacts; --storage must then be a local folder)")
+    experiment: str | None = option(None, text("gloss-ray, or the sweep's name"),
+        "MLflow experiment name / W&B project the run is logged under (default: gloss-ray; "
+        "tune and bench: the sweep's name)")
+    log_model: bool = option(False, boolean,
+        "with --report-to: also log the model folder (about 90 MB for MiniLM) as an artifact "
+        "(default: off, only the report files)")
+    log_every: int = option(10, number(0, integer=True),
+        "optimiser steps between per-step metric rows (loss and its CE and auxiliary parts, learning "
+        "rates, lambda, sigma and k as scheduled at that step, documents/s), written to "
+        "<storage>/<name>/steps.csv and sent to the --report-to trackers; 0 = none", integer=True)
+    checkpoint_every: int | None = option(None, number(1, integer=True, nullable="per epoch only"),
+        "also checkpoint every this many optimiser steps inside an epoch (model, optimiser, "
+        "the batch sampler's position and every random stream), so a run killed mid-epoch "
+        "resumes at its last step checkpoint without repeating or skipping a batch; not in "
+        "tune's trials (default: none, a checkpoint at the end of every epoch only)", integer=True)
     # the run's provenance, set by gloss-ray itself
     command: str | None = option(None, text("not recorded"), "the command line that started the run (model card)",
         flag=False)
@@ -211,6 +238,9 @@ class TrainConfig:
         "the sweep stage a run belongs to: a search trial, a final run of the best trial, a bench run",
         flag=False)
     trial_id: str | None = option(None, text("not a sweep's"), "the search trial a sweep's run belongs to",
+        flag=False)
+    git_commit: str | None = option(None, text("not recorded"),
+        "the commit of the gloss-ray source that ran the run, recorded with --report-to (a tracker tag)",
         flag=False)
     source: InitVar[str] = "config"   # where the values came from, named in error messages
 
@@ -230,6 +260,11 @@ class TrainConfig:
         for key, broken, reason in RULES:
             if broken(self):
                 raise ConfigError(f"{source}: {key}: {reason}")
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        """``report_to`` as a tuple of tracker names (empty: none)."""
+        return report_to(self.report_to)
 
     @property
     def margin_value(self) -> float:

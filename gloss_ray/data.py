@@ -505,7 +505,7 @@ class GlobalBatchSampler:
         self.labels = np.asarray(labels, dtype=np.int64)
         self.per_worker_batch, self.world_size, self.rank = per_worker_batch, world_size, rank
         self.seed, self.balanced, self.drop_last = seed, balanced, drop_last
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
         if drop_last and len(self) == 0:
             raise DataError(
                 f"{len(self.labels)} training examples are fewer than one global batch of "
@@ -518,9 +518,14 @@ class GlobalBatchSampler:
         """``per_worker_batch * world_size``."""
         return self.per_worker_batch * self.world_size
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose ordering the next iteration uses."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch whose ordering the next iteration uses, and the global batch it starts
+        at: ``start`` > 0 resumes an epoch after its first ``start`` batches (a step checkpoint),
+        yielding exactly the batches an uninterrupted pass would have yielded next. ``len()`` stays
+        the whole epoch's."""
+        if not 0 <= start <= len(self):
+            raise ValueError(f"start must be in [0, {len(self)}], got {start}")
+        self.epoch, self.start = int(epoch), int(start)
 
     def __len__(self) -> int:
         n, size = len(self.labels), self.global_batch_size
@@ -581,5 +586,5 @@ class GlobalBatchSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         lo = self.rank * self.per_worker_batch
-        for batch in self.global_batches():
+        for batch in self.global_batches()[self.start:]:
             yield batch[lo:lo + self.per_worker_batch].tolist()

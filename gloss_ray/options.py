@@ -37,6 +37,7 @@ CLASS_WEIGHTS = ("balanced", "none")
 INDEXES = ("auto", *BACKENDS)
 STAGES = ("trial", "final", "bench")            # a sweep's kinds of run
 DENSE = "dense"     # k: the dense batch graph (None)
+TRACKERS = ("mlflow", "tensorboard", "wandb")   # --report-to (gloss_ray.train.tracking)
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,9 @@ DEFAULT_MARGIN = {name: loss.margin for name, loss in LOSS_INFO.items() if loss.
 
 __all__ = ["BENCHMARKS", "BENCHMARK_LABELS", "CLASS_WEIGHTS", "DEFAULT_MARGIN", "DENSE", "GLOBAL_GRAPH_OPTIONS",
            "INDEXES", "LOSSES", "LOSS_INFO", "MASKS", "POOLINGS", "SCHEDULE_KINDS", "SIGMA_STRATEGIES", "SPLITS",
-           "STAGES", "VARIANTS", "Loss", "Option", "boolean", "dense_to_none", "is_number", "load_yaml", "number",
-           "one_of", "option", "path", "schedule_spec", "sigma_spec", "text"]
+           "STAGES", "TRACKERS", "VARIANTS", "Loss", "Option", "boolean", "dense_to_none", "is_number", "load_yaml", "number",
+           "one_of", "option", "path", "report_to", "schedule_spec", "sigma_spec", "text",
+           "trackers_spec"]
 
 
 # --------------------------------------------------------------------------- value checks
@@ -171,6 +173,24 @@ def option(default: Any, check: Callable[[Any], None], help: str, **kind: Any) -
     """A :class:`~gloss_ray.config.TrainConfig` field: its default, its check, its help and its
     :class:`Option` flags (``integer``, ``searchable``, ``words``, ``path``, ``flag``), in one place."""
     return dataclasses.field(default=default, metadata={"option": Option(check, help, **kind)})
+
+
+def report_to(value: Any) -> tuple[str, ...]:
+    """``--report-to``: ``"mlflow,tensorboard"`` (or a YAML list) -> ``("mlflow", "tensorboard")``;
+    None or ``"none"`` -> ``()``. An unknown name raises ``ValueError`` naming the choices."""
+    if value is None or value == "none":
+        return ()
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    names = tuple(dict.fromkeys(str(x).strip() for x in items if str(x).strip()))
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown or not names:
+        raise ValueError(f"must be a comma-separated list of {', '.join(TRACKERS)} (or none)")
+    return names
+
+
+def trackers_spec(v: Any) -> None:
+    """A ``--report-to`` value (:func:`report_to`)."""
+    report_to(v)
 
 
 def dense_to_none(name: str, value: Any) -> Any:

@@ -60,10 +60,11 @@ def _searches(plan: Plan, concurrency: int) -> tuple[list, list[str]]:
     return jobs, missing
 
 
-def _report(sweep_dir: str) -> None:
+def _report(sweep_dir: str, tracked=None) -> None:
     """Write the sweep's report into ``<sweep_dir>/report``. On object storage it is built in a
     temporary folder from a copy of the result files (:func:`~gloss_ray.storage.fetch_report_inputs`),
-    the temporary paths in it replaced by the sweep's URI, and uploaded."""
+    the temporary paths in it replaced by the sweep's URI, and uploaded. ``tracked(folder)`` (with
+    ``--report-to mlflow``) logs the report folder as MLflow artifacts."""
     import tempfile
     from pathlib import Path
 
@@ -76,6 +77,8 @@ def _report(sweep_dir: str) -> None:
         else:
             paths = build_report(sweep_dir)
             log(f"report: {paths['report.md']} (also report.html, results.csv, results.json)")
+            if tracked:
+                tracked(paths["report.md"].parent)
         return
     dest = join(sweep_dir, "report")
     with tempfile.TemporaryDirectory(prefix="gloss_ray_report_") as tmp:
@@ -90,7 +93,25 @@ def _report(sweep_dir: str) -> None:
                 path.write_text(path.read_text(encoding="utf-8").replace(str(local), redact(sweep_dir)),
                                 encoding="utf-8")
         upload_dir(out, dest)
+        if tracked:
+            tracked(out)
     log(f"report: {redact(join(dest, 'report.md'))} (also report.html, results.csv, results.json), uploaded")
+
+
+def _report_tracker(plan: Plan):
+    """With ``--report-to mlflow``: the function that logs the report folder into the sweep's MLflow
+    experiment (:func:`gloss_ray.train.tracking.log_report`); else None."""
+    base = next(iter(plan.bases.values()))
+    from ..options import report_to
+
+    if "mlflow" not in report_to(base.get("report_to")):
+        return None
+    from ..train.tracking import log_report
+
+    def tracked(folder) -> None:
+        run_id = log_report(base["tracking_uri"], base["experiment"], plan.sweep_dir, folder)
+        log(f"report: logged to MLflow experiment {base['experiment']!r}, run {run_id}")
+    return tracked
 
 
 def main(plan: Plan) -> int:
@@ -117,7 +138,7 @@ def main(plan: Plan) -> int:
     log(f"{plan.stage} runs: {len(jobs)} ({opts.seeds} seed(s) x {len(plan.bases) - len(missing)} "
         f"benchmark x loss), up to {concurrency} at a time")
     failed = run_many(jobs, concurrency, keep_checkpoints=opts.keep_checkpoints)
-    _report(plan.sweep_dir)
+    _report(plan.sweep_dir, _report_tracker(plan))
     if missing or failed:
         log(f"finished with problems: {failed} failed run(s); no result for {', '.join(missing) or '-'}")
         return 1

@@ -59,6 +59,8 @@ class SweepOptions:
     grace_epochs: int | None = None
     search_alg: str | None = None   # optuna (default), hyperopt, random, grid, bohb
     scheduler: str | None = None    # asha (default; bohb with --search-alg bohb), fifo, pbt, bohb
+    report_to: str | None = None    # trackers of every run (gloss_ray.train.tracking); None: none
+    tracking_uri: str | None = None  # MLflow store or server; None: sqlite:///<storage>/mlflow.db
 
 
 # --------------------------------------------------------------------------- parsing
@@ -111,7 +113,9 @@ def base_configs(opts: SweepOptions, benchmarks: list[str], losses: list[str]) -
     graph (so ``ce,gloss,gloss+global`` compares the three). ``@F`` sets ``label_fraction``. Bad
     options fail here, in one line, before any run starts; the data and the model are checked by
     :meth:`Plan.preflight`, once the driver has the data (:func:`gloss_ray.cli.fetch_data`)."""
-    overrides = {"workers": opts.workers, **({"gpu": True} if opts.gpu else {}), **parse_sets(opts.set)}
+    overrides = {"workers": opts.workers, **({"gpu": True} if opts.gpu else {}),
+                 **{k: v for k in ("report_to", "tracking_uri") if (v := getattr(opts, k, None))},
+                 **parse_sets(opts.set)}
     options, source = read_sources(opts.config, overrides)
     bases = {}
     specs = {spec: parse_loss_spec(spec) for spec in losses}
@@ -202,6 +206,23 @@ def _search_space(opts: SweepOptions, bases: dict, search_alg: str, scheduler: s
     return space
 
 
+def _tracking(opts: SweepOptions, bases: dict, name: str) -> None:
+    """Every run of the sweep logs to the same trackers, MLflow's under one experiment (default: the
+    sweep's name) in one store (default: ``sqlite:///<storage>/mlflow.db``): filled into the bases,
+    checked, the experiment created. Step checkpoints are refused in a search: each would reach Tune
+    as a result without the epoch's metrics."""
+    from ..train import tracking
+
+    for d in bases.values():
+        if opts.command == "tune" and d.get("checkpoint_every"):
+            raise ConfigError("--set checkpoint_every: not in gloss-ray tune, whose trials report to Tune once per "
+                              "epoch and checkpoint then; use it with gloss-ray train or bench")
+        tracking.fill_defaults(d, absolute(opts.storage), name)
+        cfg = TrainConfig.from_dict(d, source="--report-to")
+        tracking.prepare(cfg)
+        d.update(experiment=cfg.experiment, tracking_uri=cfg.tracking_uri, git_commit=cfg.git_commit)
+
+
 def make_plan(opts: SweepOptions) -> Plan:
     """Check every option, base configuration and (tune) the space; name the sweep folder
     ``<storage>/<name>`` (default name ``sweep-<timestamp>``)."""
@@ -218,6 +239,7 @@ def make_plan(opts: SweepOptions) -> Plan:
         opts = dataclasses.replace(opts, samples=_samples(opts, alg))
     name = opts.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = join(absolute(opts.storage), name)
+    _tracking(opts, bases, name)
     for b, spec in bases if space is not None else ():     # an interrupted search resumes with its own choice
         algorithms.check_resume(join(sweep_dir, "search", f"{b}__{spec}"), alg, sched)
     return Plan(opts, benchmarks, losses, bases, space, name, sweep_dir,

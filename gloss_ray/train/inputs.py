@@ -139,6 +139,10 @@ def load_worker_data(cfg: TrainConfig, rank: int, world: int, log) -> WorkerData
     total_steps = len(sampler) * cfg.epochs
     if cfg.max_steps:                 # a bounded run (e.g. on a large corpus): the schedules end there
         total_steps = min(total_steps, cfg.max_steps)
+    # The loader's own generator: each new iterator (one per epoch) draws a base seed from it, which
+    # would otherwise come from the global torch stream that dropout uses -- and a run resumed from a
+    # step checkpoint starts its iterator after that stream's restored state, not before it.
+    loader = DataLoader(train, batch_sampler=sampler, collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed))
     return WorkerData(corpus, tokenizer, collate, full_train, train, train_labels, known_labels, true_labels, sets,
-                      sampler, DataLoader(train, batch_sampler=sampler, collate_fn=collate), total_steps, tok_s,
+                      sampler, loader, total_steps, tok_s,
                       eval_batch_size=cfg.eval_batch_size, max_length=cfg.max_length)

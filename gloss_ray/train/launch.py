@@ -9,6 +9,7 @@ import os
 from ..config import TrainConfig
 from ..errors import GlossRayError
 from ..storage import exists, join, ray_storage, read_json, redact
+from . import tracking
 
 GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"     # ray.init starts a new instance's GCS on this port
 
@@ -130,6 +131,7 @@ def fit(cfg: TrainConfig, callbacks: list | None = None, start_checkpoint=None) 
         cfg.data_dir = str(find_benchmark(cfg.benchmark, cfg.data_dir))
     preflight(cfg)
     cfg.name = cfg.run_name
+    tracking.prepare(cfg)            # --report-to: packages, defaults, the MLflow experiment, git commit
     root = cfg.storage
     run_dir = join(root, cfg.name)
     init_ray()

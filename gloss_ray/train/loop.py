@@ -8,10 +8,20 @@ ranks take together; backward, clip, step. Each epoch: validation over the whole
 (sharded, gathered), a checkpoint (:mod:`.checkpoint`) and early stopping on validation macro-F1.
 Every step is counted (:mod:`gloss_ray.throughput`): real tokens/s, documents/s and MFU per epoch in
 the history, over the run in ``state["throughput"]``, and live on the progress bar.
+
+Every ``log_every`` steps a per-step row (:func:`step_row`: loss and its parts, learning rates, lambda,
+sigma and k as scheduled at that step, documents/s) goes to ``state["steps"]`` (``steps.csv``) and to
+the run's trackers (:mod:`.tracking`, ``--report-to``), as does each epoch's history row. Every
+``checkpoint_every`` steps inside an epoch a step checkpoint (:func:`.checkpoint.save_step`) saves the
+epoch in progress, from which :func:`run_epoch` resumes after a kill without repeating or skipping a batch.
+The parts the steps share travel together in a :class:`Run`.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -22,11 +32,44 @@ from ..losses import WeightedCrossEntropy, balanced_class_weights
 from ..metrics import classification_metrics
 from ..model import TextClassifier, autocast, encode, unwrap
 from ..throughput import Meter, peak_flops
-from . import checkpoint
+from . import checkpoint, tracking
 from .inputs import WorkerData, load_worker_data
 from .objective import TrainingObjective, build_auxiliary
 from .outputs import finish
 from .session import peak_rss_kib, quiet_libraries, rank0_printer, seed_all, seed_rank_streams
+
+if TYPE_CHECKING:
+    from ..graph.global_graph import RefreshDiagnostics
+
+
+@dataclass
+class Run:
+    """What the loop's parts share on one worker (instead of a dozen loose arguments): the
+    configuration, the session, the data, the model and its objective, optimiser and schedule, the
+    global graph (or None), the device's peak FLOP/s, the rank-0 printer, the trackers (empty on
+    other ranks) and the checkpointed ``state`` (:func:`gloss_ray.train.checkpoint.new_state`)."""
+    cfg: TrainConfig
+    session: object
+    data: WorkerData
+    device: torch.device
+    model: torch.nn.Module
+    objective: TrainingObjective
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    graph: object
+    peak: float
+    log: Callable
+    trackers: tracking.Trackers
+    state: dict
+    best_weights: dict | None = None
+
+    @property
+    def rank(self) -> int:
+        return D.rank_and_world()[0]
+
+    @property
+    def world(self) -> int:
+        return D.rank_and_world()[1]
 
 
 def train(cfg: TrainConfig, session) -> dict:
@@ -52,35 +95,61 @@ def train(cfg: TrainConfig, session) -> dict:
     state, best_weights = checkpoint.new_state(), None
     if ckpt_dir := session.checkpoint_dir():
         state, best_weights = checkpoint.restore(ckpt_dir, model, optimizer, scheduler, device, graph)
-        log(f"[gloss-ray] resumed from checkpoint after epoch {state['epoch']} (step {state['global_step']})")
-    calibrate(objective, state, model, data, device, cfg.seed, log)
+        partial = state.get("partial")
+        log(f"[gloss-ray] resumed from checkpoint after epoch {state['epoch']} (step {state['global_step']}"
+            + (f", {partial['batches']} batches into epoch {state['epoch'] + 1})" if partial else ")"))
+    run = Run(cfg, session, data, device, model, objective, optimizer, scheduler, graph, peak, log,
+              tracking.start(cfg, session.run_dir, rank, state["global_step"]), state, best_weights)
+    try:
+        calibrate(objective, state, model, data, device, cfg.seed, log)
+        for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+            if run_epoch(run, epoch):
+                break
+        unwrap(model).load_state_dict(run.best_weights)
+        state["throughput"] = run_throughput(state["history"], peak, peak_source, world)
+        final = finish(cfg, session, model, data, state, device, t_start, log,
+                       test=lambda ds: evaluate(model, data, ds, device, want_embeddings=True), trackers=run.trackers)
+    except BaseException:
+        try:                        # the run's own error is the one to raise
+            run.trackers.finish(failed=True)
+        except Exception as e:      # noqa: BLE001
+            log(f"[gloss-ray] could not mark the tracked run failed: {type(e).__name__}: {e}")
+        raise
+    run.trackers.finish()
+    return final
 
-    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        t0 = time.time()
-        diag = refresh_graph(graph, cfg, epoch, model, data, device, state["global_step"], log)
-        sums, speed = train_epoch(cfg, epoch, model, objective, optimizer, scheduler, data, device, state, log, peak)
-        val, _, _ = evaluate(model, data, data.eval_sets["validation"], device)
-        epoch_time = time.time() - t0
-        state["elapsed_s"] += epoch_time
-        row = history_row(epoch, sums, val, epoch_time, state, scheduler, objective, graph, diag, speed)
-        state["history"].append(row)
-        improved = val["macro_f1"] > state["best_val_macro_f1"]
-        if improved:
-            state["best_val_macro_f1"], state["best_epoch"] = val["macro_f1"], epoch
-            best_weights = checkpoint.weights_cpu(model)
-        state["epoch"] = epoch
-        log(f"[gloss-ray] epoch {epoch}: loss {row['train_loss']:.4f} (ce {row['train_ce']:.4f}, aux {row['train_aux']:.4f}) "
-            f"val acc {val['accuracy']:.4f} macro-F1 {val['macro_f1']:.4f}{' *' if improved else ''} [{row['epoch_time_s']:.1f}s; "
-            f"train {speed['tokens_per_s']:.0f} tokens/s, {speed['docs_per_s']:.1f} docs/s, MFU {speed['mfu']:.1%}]")
-        checkpoint.save_and_report(session, row, state, model, optimizer, scheduler, best_weights, rank, graph)
-        checkpoint.maybe_fail_once(epoch, rank)
-        if should_stop(cfg, epoch, state, data.total_steps, log):
-            break
 
-    unwrap(model).load_state_dict(best_weights)
-    state["throughput"] = run_throughput(state["history"], peak, peak_source, world)
-    return finish(cfg, session, model, data, state, device, t_start, log,
-                  test=lambda ds: evaluate(model, data, ds, device, want_embeddings=True))
+def run_epoch(run: Run, epoch: int) -> bool:
+    """Epoch ``epoch`` (or the rest of it after a step checkpoint): refresh the global graph if due,
+    train, validate, record, checkpoint. Returns whether the run stops after it."""
+    cfg, state, log = run.cfg, run.state, run.log
+    t0 = time.time()
+    partial = state.pop("partial", None) or {}       # the epoch in progress of a step checkpoint
+    diag = refresh_graph(run.graph, cfg, epoch, run.model, run.data, run.device, state["global_step"], log)
+    if diag is None and partial.get("diag"):         # this epoch's refresh, done before the step checkpoint
+        from ..graph.global_graph import RefreshDiagnostics
+
+        diag = RefreshDiagnostics(**partial["diag"])
+    clock = lambda: partial.get("epoch_time_s", 0.0) + time.time() - t0   # noqa: E731
+    sums, speed = train_epoch(run, epoch, partial, diag, clock)
+    val, _, _ = evaluate(run.model, run.data, run.data.eval_sets["validation"], run.device)
+    epoch_time = clock()
+    state["elapsed_s"] += epoch_time
+    row = history_row(epoch, sums, val, epoch_time, state, run.scheduler, run.objective, run.graph, diag, speed)
+    state["history"].append(row)
+    improved = val["macro_f1"] > state["best_val_macro_f1"]
+    if improved:
+        state["best_val_macro_f1"], state["best_epoch"] = val["macro_f1"], epoch
+        run.best_weights = checkpoint.weights_cpu(run.model)
+    state["epoch"] = epoch
+    log(f"[gloss-ray] epoch {epoch}: loss {row['train_loss']:.4f} (ce {row['train_ce']:.4f}, aux {row['train_aux']:.4f}) "
+        f"val acc {val['accuracy']:.4f} macro-F1 {val['macro_f1']:.4f}{' *' if improved else ''} [{row['epoch_time_s']:.1f}s; "
+        f"train {speed['tokens_per_s']:.0f} tokens/s, {speed['docs_per_s']:.1f} docs/s, MFU {speed['mfu']:.1%}]")
+    run.trackers.log_metrics(row, state["global_step"])
+    checkpoint.save_and_report(run.session, row, state, run.model, run.optimizer, run.scheduler, run.best_weights,
+                               run.rank, run.graph)
+    checkpoint.maybe_fail_once(epoch, run.rank)
+    return should_stop(cfg, epoch, state, run.data.total_steps, log)
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -169,43 +238,105 @@ def refresh_graph(graph, cfg: TrainConfig, epoch: int, model, data: WorkerData, 
     return diag
 
 
-def train_epoch(cfg: TrainConfig, epoch: int, model, objective, optimizer, scheduler, data: WorkerData, device,
-                state: dict, log, peak: float) -> tuple[list[float], dict]:
-    """One pass over this rank's slices of the epoch's global batches; returns the epoch's summed
-    (total, ce, aux, steps) over all ranks, and its throughput: the :class:`Meter` sums of all ranks
-    (seconds: their mean) with their rates against ``peak`` per device. A step's seconds run from the
-    end of the previous step (data loading included). A non-finite loss or gradient skips the step on
-    every rank (it is still counted: the hardware did the work)."""
+def train_epoch(run: Run, epoch: int, partial: dict, diag: RefreshDiagnostics | None,
+                clock: Callable[[], float]) -> tuple[list[float], dict]:
+    """One pass over this rank's slices of the epoch's global batches -- from where a step checkpoint
+    left it (``partial``) -- returns the epoch's summed (total, ce, aux, steps) over all ranks, and its
+    throughput: the :class:`Meter` sums of all ranks (seconds: their mean) with their rates against
+    the peak per device. A step's seconds run from the end of the previous step (data loading
+    included). A non-finite loss or gradient skips the step on every rank (it is still counted: the
+    hardware did the work). Every ``log_every`` steps a per-step row (:func:`step_row`); every
+    ``checkpoint_every`` steps inside the epoch a step checkpoint (:func:`gloss_ray.train.checkpoint.save_step`)."""
+    cfg, data, model, state = run.cfg, run.data, run.model, run.state
     model.train()
-    data.sampler.set_epoch(epoch)
-    sums = np.zeros(4)
-    meter = Meter(unwrap(model).encoder)
+    done = int(partial.get("batches", 0))                 # batches of this epoch already trained on
+    data.sampler.set_epoch(epoch, done)
+    acc = EpochAccumulator.restore(partial, run.rank, unwrap(model).encoder)
     batches = data.loader
-    if cfg.progress and D.rank_and_world()[0] == 0:
+    if cfg.progress and run.rank == 0:
         from tqdm import tqdm
 
-        batches = tqdm(batches, total=data.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", mininterval=5, ncols=100)
+        batches = tqdm(batches, total=data.steps_per_epoch, initial=done, desc=f"epoch {epoch}/{cfg.epochs}",
+                       mininterval=5, ncols=100)
     t = time.perf_counter()
     for batch in batches:
         step = state["global_step"]
-        with autocast(device):
-            logits, emb = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        obj, backward_loss = objective(logits, emb, batch["labels"].to(device), step, batch["index"].to(device))
-        if apply_step(backward_loss, model, optimizer, scheduler, cfg.grad_clip, step, state, log):
-            sums += [obj.total.item(), obj.ce.item(), obj.aux.item(), 1]
+        with autocast(run.device):
+            logits, emb = model(batch["input_ids"].to(run.device), batch["attention_mask"].to(run.device))
+        obj, backward_loss = run.objective(logits, emb, batch["labels"].to(run.device), step,
+                                           batch["index"].to(run.device))
+        lrs = [g["lr"] for g in run.optimizer.param_groups]     # the rates this step trains with
+        if apply_step(backward_loss, model, run.optimizer, run.scheduler, cfg.grad_clip, step, state, run.log):
+            acc.add_loss([obj.total.item(), obj.ce.item(), obj.aux.item()])
         now = time.perf_counter()
-        this = Meter.rates(meter.add(batch["attention_mask"], now - t), peak)
+        this = Meter.rates(acc.add_step(batch["attention_mask"], now - t), run.peak)
         t = now
         if hasattr(batches, "set_postfix_str"):   # the bar shows the last step's figures
             batches.set_postfix_str(f"{this['tokens_per_s']:.0f} tok/s, MFU {this['mfu']:.0%}", refresh=False)
         state["global_step"] += 1
+        done += 1
+        if cfg.log_every and state["global_step"] % cfg.log_every == 0:
+            row = step_row(run, epoch, done, acc, lrs)
+            state["steps"].append(row)
+            run.trackers.log_metrics({f"step/{k}": v for k, v in row.items() if k != "step"}, state["global_step"])
+            acc.window = np.zeros(len(acc.window))
         if state["global_step"] >= data.total_steps:
             break
-    world = D.rank_and_world()[1]
-    summed = D.all_sum(sums.tolist() + [meter.sums[k] for k in Meter.FIELDS], device)
+        if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0 and done < data.steps_per_epoch:
+            checkpoint.save_step(run, {"batches": done, "epoch_time_s": clock(),
+                                       "diag": dataclasses.asdict(diag) if diag is not None else None},
+                                 acc.to_dict())
+            t = time.perf_counter()       # the checkpoint's time is not the next step's
+    summed = D.all_sum(acc.sums.tolist() + [acc.meter.sums[k] for k in Meter.FIELDS], run.device)
     speed = dict(zip(Meter.FIELDS, summed[4:]))
-    speed["seconds"] /= world
-    return summed[:4], {**speed, **Meter.rates(speed, peak, world)}
+    speed["seconds"] /= run.world
+    return summed[:4], {**speed, **Meter.rates(speed, run.peak, run.world)}
+
+
+class EpochAccumulator:
+    """This rank's sums over the epoch so far -- losses (total, ce, aux, steps), the throughput
+    :class:`Meter` -- and over the per-step row's window (losses, documents, seconds); a step
+    checkpoint saves them per rank and a resumed epoch goes on from them, so its history row is the
+    uninterrupted run's."""
+
+    def __init__(self, encoder):
+        self.sums = np.zeros(4)
+        self.meter = Meter(encoder)
+        self.window = np.zeros(6)          # total, ce, aux, steps, documents, seconds
+
+    @classmethod
+    def restore(cls, partial: dict, rank: int, encoder) -> "EpochAccumulator":
+        acc = cls(encoder)
+        ranks = partial.get("ranks") or []
+        if rank < len(ranks):
+            acc.sums = np.asarray(ranks[rank]["sums"], dtype=float)
+            acc.meter.sums.update(ranks[rank]["meter"])
+            acc.window = np.asarray(ranks[rank]["window"], dtype=float)
+        return acc
+
+    def to_dict(self) -> dict:
+        return {"sums": self.sums.tolist(), "meter": dict(self.meter.sums), "window": self.window.tolist()}
+
+    def add_loss(self, values: list[float]) -> None:
+        self.sums += [*values, 1]
+        self.window[:4] += [*values, 1]
+
+    def add_step(self, attention_mask, seconds: float) -> dict:
+        self.window[4:] += [attention_mask.shape[0], seconds]
+        return self.meter.add(attention_mask, seconds)
+
+
+def step_row(run: Run, epoch: int, done: int, acc: EpochAccumulator, lrs: list[float]) -> dict:
+    """The per-step row after ``run.state["global_step"]`` steps: the window's mean loss and its CE
+    and auxiliary parts (NaN when every step of it was skipped), the encoder's and the head's
+    learning rates, lambda, sigma and k as scheduled at the last step, and the global batch's
+    documents per second over the window (this rank's documents x workers: their batches are equal)."""
+    w, gs = acc.window, run.state["global_step"]
+    n = w[3]
+    return {"step": gs, "epoch": epoch - 1 + done / run.data.steps_per_epoch,
+            "train_loss": w[0] / n if n else float("nan"), "train_ce": w[1] / n if n else float("nan"),
+            "train_aux": w[2] / n if n else float("nan"), "lr": lrs[0], "head_lr": lrs[-1],
+            **run.objective.log_values(gs - 1), "docs_per_s": w[4] * run.world / max(w[5], 1e-12)}
 
 
 def apply_step(loss, model, optimizer, scheduler, grad_clip: float, step: int, state: dict, log) -> bool:
@@ -244,7 +375,7 @@ def history_row(epoch, sums, val, epoch_time, state, scheduler, objective, graph
     n = max(sums[3], 1)
     row = {"epoch": epoch, "train_loss": sums[0] / n, "train_ce": sums[1] / n, "train_aux": sums[2] / n,
            "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "lr": scheduler.get_last_lr()[0],
-           **objective.log_values(state["global_step"]), "epoch_time_s": epoch_time, "elapsed_s": state["elapsed_s"],
+           **objective.log_values(state["global_step"] - 1), "epoch_time_s": epoch_time, "elapsed_s": state["elapsed_s"],
            **{f"train_{k}": v for k, v in speed.items()}}
     if graph is not None:
         row.update(diag.history() if diag is not None else {}, lookup_s=graph.take_lookup_seconds())

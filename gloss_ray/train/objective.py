@@ -8,7 +8,8 @@ which loss it runs:
   returns what to checkpoint and log (``{"sigma": ...}``), or None;
 * ``restore(state)`` on resume, with what ``calibrate`` returned;
 * ``__call__(embeddings, labels, ctx)`` on the global batch, with this step's :class:`StepContext`;
-* ``log_values()`` -- what the epoch's history row records (e.g. ``sigma``).
+* ``sigma_at(scale)`` -- the kernel width a step used, given the schedule's multiplier ``scale``
+  (None for losses without one), for the per-step rows and the epoch's history row.
 
 :data:`AUXILIARY` maps a loss name to the function that builds its auxiliary term; ``ce`` has none.
 """
@@ -44,7 +45,7 @@ class AuxiliaryLoss(Protocol):
     def calibrate(self, sample: Callable[[], tuple[Tensor, Tensor]], device) -> dict | None: ...
     def restore(self, state: dict | None) -> None: ...
     def __call__(self, embeddings: Tensor, labels: Tensor, ctx: StepContext) -> Tensor: ...
-    def log_values(self) -> dict: ...
+    def sigma_at(self, scale: float) -> float | None: ...
 
 
 class EmbeddingLoss:
@@ -62,8 +63,8 @@ class EmbeddingLoss:
     def __call__(self, embeddings, labels, ctx: StepContext) -> Tensor:
         return self.loss(embeddings, labels)
 
-    def log_values(self) -> dict:
-        return {"sigma": None}
+    def sigma_at(self, scale: float) -> None:
+        return None
 
 
 class GraphLoss:
@@ -74,6 +75,7 @@ class GraphLoss:
 
     def __init__(self, loss: GLoss, global_graph=None, global_weight: float = 1.0):
         self.loss, self.graph, self.global_weight = loss, global_graph, global_weight
+        self.last_sigma = None          # the last batch's sigma, of the per-batch strategies
 
     def calibrate(self, sample, device) -> dict | None:
         if self.loss.strategy.kind not in ("root", "dicm"):
@@ -90,6 +92,8 @@ class GraphLoss:
     def __call__(self, embeddings, labels, ctx: StepContext) -> Tensor:
         gen = torch.Generator().manual_seed(ctx.mask_seed)
         sigma = self.loss.current_sigma(embeddings.detach(), labels) * ctx.sigma_scale
+        if self.loss.strategy.per_batch:
+            self.last_sigma = sigma
         extra = {}
         if self.graph is not None:
             g_idx = D.gather_with_grad(ctx.batch_index)
@@ -98,8 +102,12 @@ class GraphLoss:
             self.graph.update_online(g_idx, embeddings.detach())
         return self.loss(embeddings, labels, sigma=sigma, k=ctx.k, generator=gen, **extra).float()
 
-    def log_values(self) -> dict:
-        return {"sigma": self.loss.sigma_value}
+    def sigma_at(self, scale: float) -> float | None:
+        """A fixed or calibrated sigma times the schedule's ``scale``; with a per-batch strategy,
+        the last batch's (already scaled), None before the first."""
+        if self.loss.strategy.per_batch:
+            return None if self.last_sigma is None else float(self.last_sigma)
+        return None if self.loss.sigma_value is None else self.loss.sigma_value * scale
 
 
 AUXILIARY: dict[str, Callable[..., AuxiliaryLoss]] = {
@@ -158,11 +166,19 @@ class TrainingObjective:
     def lam_at(self, step: int) -> float:
         return self.lam(step / self.total_steps) if self.aux is not None else 0.0
 
+    def k_at(self, step: int) -> int | None:
+        """The batch graph's k at ``step``: the k schedule's value, else ``--k`` (None: dense)."""
+        return int_schedule_value(self.k, step / self.total_steps) if self.k else self.cfg.k
+
     def __call__(self, logits, emb, y, step: int, batch_index: Tensor) -> tuple[Objective, Tensor]:
-        p = step / self.total_steps
-        ctx = StepContext(sigma_scale=self.sigma_scale(p), k=int_schedule_value(self.k, p) if self.k else self.cfg.k,
+        ctx = StepContext(sigma_scale=self.sigma_scale(step / self.total_steps), k=self.k_at(step),
                           mask_seed=self.cfg.seed * 1_000_003 + step, batch_index=batch_index)
         return step_objective(self.ce_fn, self.aux, logits, emb, y, self.lam_at(step), ctx)
 
     def log_values(self, step: int) -> dict:
-        return {**(self.aux.log_values() if self.aux else {"sigma": None}), "lam": self.lam_at(step), "k": self.cfg.k}
+        """lambda, sigma and k as scheduled at ``step`` (0-based: the values step ``step`` trained
+        with), not as configured: sigma is None for losses without one and, with a per-batch
+        strategy, the last batch's; k is None for the dense graph and for losses without a graph."""
+        graph = self.aux is not None and self.cfg.loss == "gloss"
+        return {"sigma": self.aux.sigma_at(self.sigma_scale(step / self.total_steps)) if self.aux else None,
+                "lam": self.lam_at(step), "k": self.k_at(step) if graph else None}

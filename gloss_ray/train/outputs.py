@@ -2,6 +2,8 @@
 
     metrics.json   test accuracy / macro-F1, silhouette, best epoch, timings, memory, the config
     history.csv    one row per epoch (losses, validation scores, lr, sigma, lam, global-graph figures)
+    steps.csv      one row every ``log_every`` optimiser steps (loss and its parts, learning rates,
+                   lambda, sigma and k as scheduled at that step, documents/s)
     plots/         training curves and a 2-D map of the test embeddings
     model/         a transformers classifier + sentence-transformers model + model card (+ with
                    ``graph_predict``: graph_predict.safetensors / .json, see :mod:`gloss_ray.graph.predict`)
@@ -30,9 +32,10 @@ from ..storage import redact, staged_output
 from .session import peak_rss_kib
 
 
-def finish(cfg, session, model, data, state: dict, device, t_start: float, log, test) -> dict:
+def finish(cfg, session, model, data, state: dict, device, t_start: float, log, test, trackers=None) -> dict:
     """Score the test split with ``test(dataset) -> (metrics, predictions, embeddings)``, gather the
-    run's figures, write the outputs (rank 0); returns the final metrics on every rank."""
+    run's figures, write the outputs (rank 0) and hand the final scores and the report files to the
+    run's ``trackers`` (:mod:`gloss_ray.train.tracking`); returns the final metrics on every rank."""
     rank, world = D.rank_and_world()
     final = {"benchmark": data.corpus.name, "loss": cfg.loss, "seed": cfg.seed, "best_epoch": state["best_epoch"],
              "best_val_macro_f1": state["best_val_macro_f1"], "epochs_run": state["epoch"],
@@ -56,7 +59,7 @@ def finish(cfg, session, model, data, state: dict, device, t_start: float, log, 
     final["wall_time_s"] = time.time() - t_start
     if rank == 0:
         write_outputs(cfg, session.run_dir, final, state["history"], model, data.tokenizer, data.corpus.label_names,
-                      test_emb, test_labels, graph)
+                      test_emb, test_labels, graph, steps=state.get("steps", []), trackers=trackers, step=state["global_step"])
         log(f"[gloss-ray] done: test acc {final.get('test_accuracy', float('nan')):.4f} macro-F1 "
             f"{final.get('test_macro_f1', float('nan')):.4f} (best epoch {state['best_epoch']}); outputs in {redact(session.run_dir)}")
     D.barrier()
@@ -78,15 +81,22 @@ def chance_note(metrics: dict) -> str | None:
             f"rates than the defaults, e.g. {SHORT_RUN_SETTINGS}")
 
 
+def write_rows(path, rows: list[dict]) -> None:
+    """``rows`` as CSV, the columns in the order they first appear."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def write_outputs(cfg, run_dir, final, history, model, tokenizer, label_names, test_emb, test_labels,
-                  graph=None) -> None:
+                  graph=None, steps=(), trackers=None, step: int = 0) -> None:
     final = redact({**final, "config": cfg.to_dict(), "stage": cfg.stage or "final"})  # no credentials
     with staged_output(run_dir) as out:
         (out / "metrics.json").write_text(json.dumps(final, indent=2, default=float))
-        with open(out / "history.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in history for k in row)))
-            w.writeheader()
-            w.writerows(history)
+        write_rows(out / "history.csv", history)
+        if steps:
+            write_rows(out / "steps.csv", list(steps))
         (out / "plots").mkdir()
         title = f"{final['benchmark']} / {cfg.loss} (seed {cfg.seed})"
         plots.training_curves(history, out / "plots", title)
@@ -99,6 +109,12 @@ def write_outputs(cfg, run_dir, final, history, model, tokenizer, label_names, t
         if graph is not None:                # beside the model, read by gloss_ray.graph.predict.load_graph_predictor
             graph.save(out / "model")
         write_model_card(out / "model", cfg, final, label_names)
+        if trackers:
+            trackers.log_metrics({k: v for k, v in final.items() if k.startswith(("test_", "best_", "silhouette",
+                                                                                "train_", "graph_"))},
+                                 step)
+            names = ["metrics.json", "history.csv", "steps.csv", "plots"] + (["model"] if cfg.log_model else [])
+            trackers.log_artifacts({n: out / n for n in names if (out / n).exists()})
 
 
 # ---------------------------------------------------------------------------------------------- graph prediction
