@@ -57,7 +57,8 @@ def run_many(jobs: list[tuple[str, TrainConfig]], concurrency: int, keep_checkpo
         import ray
 
         log("interrupted: stopping the running runs (the same command resumes them from their checkpoints)")
-        ray.shutdown()        # the runs' ray.get calls fail, so their threads end and the process can exit
+        pool.shutdown(wait=False, cancel_futures=True)   # first: a thread freed by the shutdown below would
+        ray.shutdown()        # start the next queued run. The runs' ray.get calls fail, their threads end
         raise
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
