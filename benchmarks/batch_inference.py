@@ -5,7 +5,7 @@ shards, the model on an actor pool), on the same documents, on this machine's CP
     python benchmarks/build_large_corpus.py /tmp/corpus100k --size 100000          # the corpus
     gloss-ray train --benchmark mr --max-train 1000 --max-eval 200 --epochs 1 --storage /tmp/runs --name m
     python benchmarks/batch_inference.py --model-dir /tmp/runs/m/model --input /tmp/corpus100k/train.parquet \\
-        --docs 100000 --configs process,ray:1x2,ray:2x1
+        --docs 100000 --configs process,ray:1x1,process
 
 The first ``--docs`` texts of ``--input`` are written once as one Parquet file (the in-process path's
 input) and as ``--shards`` Parquet shards in a folder (Ray Data's input). Each configuration runs as
@@ -142,8 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--docs", type=int, default=20_000, help="documents: the first N of --input")
     p.add_argument("--shards", type=int, default=8, help="Parquet shards the documents are cut into for Ray Data")
     p.add_argument("--batch-size", type=int, default=64, help="--batch-size of gloss-ray predict")
-    p.add_argument("--configs", default="process,ray:1x2,ray:2x1",
-                   help="comma-separated: process, ray:AxC (A actors of C CPUs)")
+    p.add_argument("--configs", default="process,ray:1x1,process",
+                   help="comma-separated: process, ray:AxC (A actors of C CPUs; at most the machine's CPUs less "
+                        "one in all, see gloss_ray/batch_inference.py); a repeated one runs again")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "batch_inference_cpu.json"))
     a = p.parse_args(argv)
 
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"{name}: {r['rows']} output rows for {len(frame)} documents")
             r["docs_per_s"] = len(frame) / r["command_s"]
             results.append(r)
+            _write(a, argv, frame, results)
             print(f"{name:10s} {r['docs_per_s']:7.1f} docs/s  command {r['command_s']:7.1f}s  ray start "
                   f"{r['ray_start_s']:5.1f}s  peak RSS driver {r['driver_rss_mb']:6.0f} MB, actor "
                   f"{r['actor_rss_mb']:6.0f} MB, all {r['tree_rss_mb']:6.0f} MB  load {r['load_before'][0]:.1f}"
@@ -174,13 +176,18 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         print(f"{r['config']:10s} {r['docs_per_s']:8.1f} {r['command_s']:10.1f} {r['ray_start_s']:12.1f} "
               f"{r['driver_rss_mb']:10.0f} {r['actor_rss_mb']:9.0f} {r['tree_rss_mb']:8.0f}")
+    _write(a, argv, frame, results)
+    print(f"wrote {a.out}")
+
+
+def _write(a, argv, frame, results) -> None:
+    """The JSON so far (written after every configuration, so a later one that fails keeps the others)."""
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({
         "command": "python benchmarks/batch_inference.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "docs": len(frame), "shards": a.shards, "batch_size": a.batch_size, "machine": platform.processor() or
         platform.machine(), "cpus": os.cpu_count(), "torch_threads_default": __import__("torch").get_num_threads(),
         "results": results}, indent=2) + "\n")
-    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":

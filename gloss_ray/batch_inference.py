@@ -300,6 +300,13 @@ def run(what: str, model_dir: str, input_uri: str, output: str, text_column: str
     if actors is None:
         res = ray.cluster_resources()
         actors = max(1, int(res.get("GPU", 0))) if gpu else max(1, int((res.get("CPU", 1) - 1) // cpus))
+    if not gpu:
+        total = ray.cluster_resources().get("CPU", 0)
+        if actors * cpus > total - 1:
+            raise ConfigError(f"--actors {actors} x --cpus-per-actor {cpus:g} leaves no CPU of this Ray cluster's "
+                              f"{total:g} for Ray Data's read and write tasks (measured: the pipeline then stalls); "
+                              + (f"use at most {int((total - 1) // cpus)} actors of {cpus:g} CPU(s)" if total - 1 >= cpus
+                                 else "give a single local file without --ray to run it in this process"))
     udf = Classify if what == "predict" else Embed
     ds = read(shards, text_column, key).map_batches(
         udf, batch_format="pyarrow", batch_size=ROWS_PER_CALL * batch_size,

@@ -304,7 +304,8 @@ def _add_inference_options(sub, name: str) -> None:
     p.add_argument("--actors", type=int, default=None,
                    help="Ray Data only: actors running the model, each holding one copy of it (default: with --gpu "
                         "the cluster's GPUs; on CPU (the cluster's CPUs less one, left for reading and writing) / "
-                        "--cpus-per-actor, at least 1)")
+                        "--cpus-per-actor, at least 1; on CPU, actors x --cpus-per-actor may not take that last CPU: Ray "
+                        "Data's reads and writes would stall)")
     p.add_argument("--cpus-per-actor", type=float, default=None,
                    help="Ray Data only: CPUs each actor reserves, and its PyTorch threads on CPU (default: 1)")
 

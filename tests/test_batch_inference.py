@@ -164,3 +164,14 @@ def test_gpu_without_a_gpu_is_one_line(model_dir, tmp_path, capsys):
     line = _one_error_line(capsys, ["predict", "--model-dir", model_dir, "--input", str(tmp_path / "t.txt"), "--gpu"])
     assert re.match(r"gloss-ray: error: --gpu: PyTorch sees no CUDA GPU on this machine \(torch [^,]+, ", line), line
     assert not (tmp_path / "t.predictions.csv").exists()
+
+
+def test_actors_that_leave_no_cpu_for_reading_are_refused(ray_local, model_dir, tmp_path, capsys):
+    """On CPU the actors may take all but one of the instance's CPUs (4 here): Ray Data's read and write
+    tasks need one, and without it the pipeline stalls (seen on this machine with 1 actor x 2 CPUs of 2)."""
+    (tmp_path / "t.txt").write_text("a fine film\n")
+    line = _one_error_line(capsys, ["predict", "--model-dir", model_dir, "--input", str(tmp_path / "t.txt"), "--ray",
+                                    "--actors", "2", "--cpus-per-actor", "2"])
+    assert line.startswith("gloss-ray: error: --actors 2 x --cpus-per-actor 2 leaves no CPU of this Ray cluster's 4 ")
+    assert line.endswith("use at most 1 actors of 2 CPU(s)")
+    assert not (tmp_path / "t.predictions").exists()
