@@ -3,6 +3,7 @@
     gloss-ray train --benchmark mr --loss gloss --epochs 3 --workers 2 [--gpu] [--config f.yaml] [--storage DIR]
     gloss-ray predict --model-dir RUN/model --input texts.txt [--output preds.csv]
     gloss-ray embed   --model-dir RUN/model --input texts.txt --output emb.npy
+    gloss-ray predict --model-dir s3://b/run/model --input s3://b/corpus/ --output s3://b/preds/   # Ray Data
     gloss-ray tune    --benchmarks mr,r8 --losses ce,gloss --space tune_spaces/default.yaml --samples 8
     gloss-ray bench   --benchmarks mr,r8 --losses ce,gloss --seeds 3
     gloss-ray report  RESULTS_DIR [--out DIR]
@@ -25,7 +26,7 @@ import yaml
 from .config import OPTIONS, PATHS_NOTE, TrainConfig
 from .data import CACHE_ENV, cache_dir
 from .options import BENCHMARKS, LOSSES, TRACKERS
-from .errors import GlossRayError
+from .errors import ConfigError, GlossRayError
 from .storage import redact
 from .sweep.algorithms import SCHEDULERS, SEARCH_ALGS
 
@@ -74,29 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       description="Fine-tune one model with Ray Train; writes <storage>/<name>/."))
 
     for name in ("predict", "embed"):
-        p = sub.add_parser(name, help=f"{name} a file of texts with a saved model")
-        p.add_argument("--model-dir", required=True,
-                       help="a saved model folder: a run's <storage>/<name>/model (local path)")
-        p.add_argument("--input", required=True,
-                       help="local file of texts: .txt (one text per line), .csv, .jsonl or .parquet")
-        p.add_argument("--text-column", default="text",
-                       help="name of the column holding the texts in a .csv/.jsonl/.parquet input "
-                            "(default: %(default)s; not used for .txt)")
-        if name == "predict":
-            p.add_argument("--output", help="output file, one row per text (text, label, confidence): .jsonl, else "
-                                            "CSV (default: the input's name with .predictions.csv)")
-            p.add_argument("--graph", action="store_true",
-                           help="predict with the blend of the classifier and label propagation over the training "
-                                "corpus's kNN graph, with the alpha and k the run chose on validation (needs a model "
-                                "trained with --graph-predict; without its graph files the classifier predicts "
-                                "alone, with one line saying so) (default: off, the classifier alone)")
-        else:
-            p.add_argument("--output", help="output file, one embedding per text: .parquet (text, embedding), else "
-                                            "a .npy array (default: the input's name with .embeddings.npy)")
-        p.add_argument("--batch-size", type=int, default=64, help="texts encoded per batch at full length (shorter texts may share larger "
-                                                      "batches of the same token count) (default: %(default)s)")
-        p.add_argument("--max-length", type=int, default=None,
-                       help="truncate texts to this many tokens (default: the length the model was trained with)")
+        _add_inference_options(sub, name)
 
     p = sub.add_parser("tune", help="Ray Tune search over losses and benchmarks, then final runs and a report")
     _add_sweep_options(p)
@@ -149,6 +128,69 @@ def _add_data_download(data) -> None:
     p.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks: {', '.join(BENCHMARKS)}")
     p.add_argument("--dest", help=f"folder to write <name>/ into (default: {cache_dir()}, see ${CACHE_ENV})")
     p.add_argument("--force", action="store_true", help="download again even if already there")
+
+
+def _add_inference_options(sub, name: str) -> None:
+    """``predict`` / ``embed``: one local file in this process, anything else through Ray Data."""
+    what = "labels and confidences" if name == "predict" else "embeddings"
+    p = sub.add_parser(
+        name, help=f"{what} of texts with a saved model: a file, a folder of shards or s3:// / gs:// (Ray Data)",
+        description=f"{what.capitalize()} of the texts of --input with a saved model. One local file runs in this "
+                    "process and writes one output file. A folder of shards or an s3:// / gs:// file or prefix (or "
+                    "any input with --ray) runs through Ray Data: read block by block, the model on a pool of "
+                    "actors that each load it once (one GPU each with --gpu), Parquet shards written to --output "
+                    "as they are done, with Ray Data's progress bars. --gpu has not yet run on a GPU.")
+    p.add_argument("--model-dir", required=True,
+                   help="a saved model folder: a run's <storage>/<name>/model (a local path, or an s3:// / gs:// URI, "
+                        "copied to a temporary folder first)")
+    p.add_argument("--input", required=True,
+                   help="the texts: a file (.txt, one text per line; .csv; .jsonl; .parquet), a folder holding such "
+                        "files (every file under it of one type; names starting with _ or . skipped), or an s3:// / "
+                        "gs:// file or prefix. Only one local file runs in this process (default path); the rest "
+                        f"through Ray Data ({PATHS_NOTE})")
+    p.add_argument("--text-column", default="text",
+                   help="name of the column holding the texts in .csv/.jsonl/.parquet input (default: %(default)s; "
+                        "not used for .txt)")
+    if name == "predict":
+        p.add_argument("--output",
+                       help="one local file: the output file, one row per text (text, label, confidence): .jsonl, "
+                            "else CSV (default: the input's name with .predictions.csv). Through Ray Data: a new or "
+                            "empty folder or s3:// / gs:// prefix for Parquet shards of <key>, label, confidence, not "
+                            "in input order (default for local input: the input's name with .predictions; needed "
+                            "for s3:// / gs:// input)")
+        p.add_argument("--graph", action="store_true",
+                       help="predict with the blend of the classifier and label propagation over the training "
+                            "corpus's kNN graph, with the alpha and k the run chose on validation (needs a model "
+                            "trained with --graph-predict; without its graph files the classifier predicts "
+                            "alone, with one line saying so) (default: off, the classifier alone)")
+    else:
+        p.add_argument("--output",
+                       help="one local file: the output file, one embedding per text: .parquet (text, embedding), "
+                            "else a .npy array (default: the input's name with .embeddings.npy). Through Ray Data: a "
+                            "new or empty folder or s3:// / gs:// prefix for Parquet shards of <key>, embedding "
+                            "(float32 list), not in input order (default for local input: the input's name with "
+                            ".embeddings; needed for s3:// / gs:// input)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="texts encoded per batch at full length (shorter texts may share larger batches of the same "
+                        "token count) (default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="truncate texts to this many tokens (default: the length the model was trained with)")
+    p.add_argument("--gpu", action="store_true",
+                   help="encode on a CUDA GPU: in this process the machine's GPU (an error when PyTorch sees none); "
+                        "through Ray Data one GPU per actor (default: CPU). Not yet run on a GPU: tested on CPU only")
+    p.add_argument("--ray", action="store_true",
+                   help="run a single local file through Ray Data too (default: only folders and s3:// / gs:// "
+                        "input do), e.g. to use several actors or a cluster on one large file")
+    p.add_argument("--id-column", default=None,
+                   help="Ray Data only: the input column written as each output row's key (default: the input's "
+                        "'id' column when it has one, else the text itself)")
+    p.add_argument("--actors", type=int, default=None,
+                   help="Ray Data only: actors running the model, each holding one copy of it (default: with --gpu "
+                        "the cluster's GPUs; on CPU (the cluster's CPUs less one, left for reading and writing) / "
+                        "--cpus-per-actor, at least 1; on CPU, actors x --cpus-per-actor may not take that last CPU: Ray "
+                        "Data's reads and writes would stall)")
+    p.add_argument("--cpus-per-actor", type=float, default=None,
+                   help="Ray Data only: CPUs each actor reserves, and its PyTorch threads on CPU (default: 1)")
 
 
 def _add_sweep_options(p):
@@ -234,13 +276,34 @@ def cmd_train(args) -> int:
     return 0
 
 
+def uses_ray_data(args) -> bool:
+    """``predict`` / ``embed`` through Ray Data: with ``--ray``, or when ``--input`` is not one local
+    file (a folder of shards, an s3:// / gs:// URI). One local file runs in this process."""
+    from .storage import is_uri
+
+    return args.ray or is_uri(args.input) or os.path.isdir(os.path.expanduser(args.input))
+
+
 def cmd_predict_embed(args) -> int:
+    if uses_ray_data(args):
+        from .batch_inference import default_output, run
+
+        out = run(args.command, args.model_dir, args.input, args.output or default_output(args.input, args.command),
+                  text_column=args.text_column, id_column=args.id_column, batch_size=args.batch_size,
+                  max_length=args.max_length, gpu=args.gpu, graph=getattr(args, "graph", False),
+                  actors=args.actors, cpus_per_actor=args.cpus_per_actor)
+        print(f"wrote {out['rows']} rows in {out['files']} Parquet file(s) to {out['output']}")
+        return 0
     from .inference import embed_file, predict_file
 
+    for option in ("id_column", "actors", "cpus_per_actor"):
+        if getattr(args, option) is not None:
+            raise ConfigError(f"--{option.replace('_', '-')}: only for input through Ray Data (a folder, an s3:// / "
+                              "gs:// URI, or --ray); a single local file runs in this process")
     kwargs = {"graph": args.graph} if args.command == "predict" else {}
     fn = predict_file if args.command == "predict" else embed_file
     out = fn(args.model_dir, args.input, args.output, text_column=args.text_column, batch_size=args.batch_size,
-             max_length=args.max_length, **kwargs)
+             max_length=args.max_length, gpu=args.gpu, **kwargs)
     print(f"wrote {out}")
     return 0
 

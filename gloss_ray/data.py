@@ -7,6 +7,8 @@
   ``./data``, then the user cache (:func:`cache_dir`). It never downloads: a benchmark in none of them
   is an error naming them; ``gloss-ray data download`` (:mod:`gloss_ray.download`) fetches it, as
   ``gloss-ray train`` / ``bench`` / ``tune`` do on the driver before they start.
+* :func:`read_texts` reads the texts of one file for ``gloss-ray predict`` / ``embed``, through the
+  same reader (:func:`_read_file`) and checks as a training split.
 * :func:`tokenize_split` tokenises a list of texts once and caches the result on disk as an
   Arrow dataset, keyed by the tokenizer, ``max_length`` and the caller's key.
 * :class:`PadCollator` pads a batch to its longest sequence (dynamic padding).
@@ -109,26 +111,37 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+READERS = {".txt": "text", ".csv": "CSV", ".jsonl": "JSON", ".json": "JSON", ".parquet": "Parquet"}
+"""File suffix -> format of the files gloss-ray reads (training data, ``predict`` / ``embed`` input)."""
+
+
 def _read_file(path: str | Path) -> pd.DataFrame:
-    """Read a CSV / JSON lines / Parquet file chosen by suffix (CSV cells are read as strings).
+    """Read a text / CSV / JSON lines / Parquet file chosen by suffix: the one reader of data files
+    (training splits and ``predict`` / ``embed`` input alike). CSV cells are read as strings; a
+    ``.txt`` file is one text per line, in a column ``text``.
 
     ``path`` is a local path or an ``s3://`` / ``gs://`` URI, read through ``pyarrow.fs``
-    (:mod:`gloss_ray.storage`); a missing bucket or key is a :class:`DataError` naming the URI.
+    (:mod:`gloss_ray.storage`); a missing bucket or key is a :class:`DataError` naming the URI, and
+    so is an empty (zero-byte) file.
     """
     remote = is_uri(path)
     if remote:
-        file_info(str(path))  # DataError: bucket or file not found, no access
+        size = file_info(str(path)).size  # DataError: bucket or file not found, no access
         suffix = PurePosixPath(str(path)).suffix
     elif not Path(path).is_file():
         raise DataError(f"{path}: file not found")
     else:
-        suffix = Path(path).suffix
-    kinds = {".csv": "CSV", ".jsonl": "JSON", ".json": "JSON", ".parquet": "Parquet"}
-    if suffix.lower() not in kinds:
-        raise DataError(f"{path}: unsupported file type '{suffix}' (use .csv, .jsonl, .json or .parquet)")
-    kind = kinds[suffix.lower()]
+        size, suffix = Path(path).stat().st_size, Path(path).suffix
+    if suffix.lower() not in READERS:
+        raise DataError(f"{path}: unsupported file type '{suffix}' (use {', '.join(READERS)})")
+    kind = READERS[suffix.lower()]
+    if size == 0:
+        raise DataError(f"{path}: no data rows (the file is empty)")
     try:
         with (open_input(str(path)) if remote else nullcontext(path)) as source:
+            if kind == "text":
+                raw = source.read() if remote else Path(source).read_bytes()
+                return pd.DataFrame({"text": raw.decode("utf-8").splitlines()})
             if kind == "CSV":
                 # keep_default_na=False: a text "NA" stays a text; an empty cell is "" (caught below).
                 return pd.read_csv(source, dtype=str, keep_default_na=False)
@@ -138,25 +151,49 @@ def _read_file(path: str | Path) -> pd.DataFrame:
     except DataError:
         raise
     except (ValueError, OSError, UnicodeDecodeError) as exc:  # pandas/pyarrow parse and read errors
-        kind = {"JSON": "JSON lines (one object per line)"}.get(kind, kind)
+        kind = {"JSON": "JSON lines (one object per line)", "text": "UTF-8 text"}.get(kind, kind)
         raise DataError(f"{path}: cannot read as {kind}: {_one_line(exc)}") from exc
+
+
+def _require_columns(frame: pd.DataFrame, source: str, columns: Mapping[str, str]) -> None:
+    """A :class:`DataError` naming the first of ``columns`` (name -> the option that names it)
+    that ``frame`` lacks, and the columns it has."""
+    for column, option in columns.items():
+        if column not in frame.columns:
+            have = ", ".join(str(c) for c in frame.columns)
+            raise DataError(f"{source}: column '{column}' not found (columns: {have}); use {option}")
+
+
+def _empty_text(text: pd.Series) -> np.ndarray:
+    """Rows of ``text`` that are missing or blank."""
+    return text.isna().to_numpy() | (text.astype(str).str.strip() == "").to_numpy()
+
+
+def read_texts(path: str | os.PathLike, text_column: str = "text") -> list[str]:
+    """The texts of one file (``gloss-ray predict`` / ``embed``): :func:`_read_file`, then the same
+    checks as a training split's texts -- the column exists, the file has rows, no text is blank --
+    each a one-line :class:`DataError` naming the file (and the rows)."""
+    source = str(path)
+    frame = _read_file(path)
+    _require_columns(frame, source, {text_column: "--text-column"})
+    if len(frame) == 0:
+        raise DataError(f"{source}: no data rows")
+    empty = _empty_text(frame[text_column])
+    if empty.any():
+        raise DataError(f"{source}: empty text in column '{text_column}' at row(s) {_rows(empty)}")
+    return frame[text_column].astype(str).tolist()
 
 
 def _clean(frame: pd.DataFrame, source: str, text_column: str, label_column: str) -> pd.DataFrame:
     """Check columns and rows of one split; return ``text``/``label`` as str columns."""
-    columns = [str(c) for c in frame.columns]
-    for column, option in ((text_column, "--text-column"), (label_column, "--label-column")):
-        if column not in frame.columns:
-            raise DataError(
-                f"{source}: column '{column}' not found (columns: {', '.join(columns)}); use {option}"
-            )
+    _require_columns(frame, source, {text_column: "--text-column", label_column: "--label-column"})
     if len(frame) == 0:
         raise DataError(f"{source}: no data rows")
     text, label = frame[text_column], frame[label_column]
-    empty_text = text.isna().to_numpy() | (text.astype(str).str.strip() == "").to_numpy()
+    empty_text = _empty_text(text)
     if empty_text.any():
         raise DataError(f"{source}: empty text in column '{text_column}' at row(s) {_rows(empty_text)}")
-    no_label = label.isna().to_numpy() | (label.astype(str).str.strip() == "").to_numpy()
+    no_label = _empty_text(label)
     if no_label.any():
         raise DataError(f"{source}: missing label in column '{label_column}' at row(s) {_rows(no_label)}")
     return pd.DataFrame({"text": text.astype(str).tolist(), "label": label.astype(str).tolist()})

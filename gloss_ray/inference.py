@@ -1,4 +1,11 @@
-"""Classify or embed a file of texts with a saved gloss-ray model (``gloss-ray predict`` / ``embed``).
+"""Classify or embed texts with a saved gloss-ray model (``gloss-ray predict`` / ``embed``).
+
+* :class:`Predictor`: a saved model folder loaded once, on the CPU or a GPU (:func:`device`), that maps
+  a list of texts to labels and confidences (:meth:`Predictor.predict`) or to embeddings
+  (:meth:`Predictor.embed`). It is what runs in each Ray Data actor of
+  :mod:`gloss_ray.batch_inference` (files, folders of shards, ``s3://`` / ``gs://``) and in this
+  process for one local file (:func:`predict_file`, :func:`embed_file`: the texts read by
+  :func:`gloss_ray.data.read_texts`, one output file).
 
 The numbers are those of the saved folder loaded by the ecosystem: ``predict``'s labels and
 confidences are ``AutoModelForSequenceClassification`` / ``pipeline("text-classification")``'s
@@ -7,56 +14,80 @@ softmax, ``embed``'s vectors ``SentenceTransformer(model_dir).encode``'s (see ``
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .errors import DataError
-from .data import PadCollator
+from .data import PadCollator, read_texts
+from .errors import ConfigError
 from .model import DEFAULT_MAX_LENGTH, TextClassifier, encode, token_budget_batches
+from .storage import download_dir, is_uri
 
 
-def read_texts(path: str, text_column: str = "text") -> list[str]:
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"--input: file not found: {p}")
-    if p.suffix == ".txt":
-        texts = p.read_text(encoding="utf-8").splitlines()
-    else:
-        readers = {".csv": pd.read_csv, ".jsonl": lambda f: pd.read_json(f, lines=True), ".parquet": pd.read_parquet}
-        if p.suffix not in readers:
-            raise DataError(f"{p}: unsupported file type {p.suffix!r} (use .txt, .csv, .jsonl or .parquet)")
-        try:
-            frame = readers[p.suffix](p)
-        except pd.errors.EmptyDataError:
-            raise DataError(f"{p}: holds no texts (the file is empty)") from None
-        if text_column not in frame.columns:
-            raise DataError(f"{p}: column {text_column!r} not found (columns: {', '.join(map(str, frame.columns))}); use --text-column")
-        texts = frame[text_column].tolist()
-    if not texts:
-        raise DataError(f"{p}: holds no texts (the file is empty)")
-    empty = [i + 1 for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
-    if empty:
-        raise DataError(f"{p}: empty text in row(s) {', '.join(map(str, empty[:5]))}")
-    return texts
+def device(gpu: bool) -> torch.device:
+    """``cuda`` with ``gpu`` (an error in one line when PyTorch sees no GPU), else the CPU."""
+    if not gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(f"--gpu: PyTorch sees no CUDA GPU on this machine (torch {torch.__version__}, {build}); "
+                          "leave out --gpu to run on the CPU")
+    return torch.device("cuda")
 
 
-def _run(model_dir: str, texts: list[str], batch_size: int, max_length: int | None, what: str):
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
+class Predictor:
+    """A saved model folder (a run's ``model/``; a local path, or an ``s3://`` / ``gs://`` URI, then
+    copied to a local temporary folder first) loaded once on ``device``. Texts are tokenised and
+    encoded in length-sorted batches of at most ``batch_size x max_length`` padded tokens
+    (:func:`~gloss_ray.model.token_budget_batches`), outputs in input order. With ``graph``, labels
+    come from the blend of the classifier with propagation over the training corpus's kNN graph
+    (:mod:`gloss_ray.graph.predict`, saved by ``--graph-predict``); a folder without the graph files
+    predicts with the classifier and says so in one line on stderr."""
 
-    hf_logging.disable_progress_bar()    # loading takes a moment; the progress worth showing is the encoding's
-    model = TextClassifier.from_pretrained(model_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    max_length = max_length or model.meta.get("max_length") or DEFAULT_MAX_LENGTH
-    # a progress bar (stderr) over the texts encoded, when there is more than one batch
-    with tqdm(total=len(texts), desc=what, unit="text", disable=len(texts) <= batch_size) as progress:
-        logits, embs = encode(model, _batches(tok, texts, batch_size * max_length, max_length), torch.device("cpu"),
-                              rows=len(texts), progress=progress)
-    return model, logits, embs
+    def __init__(self, model_dir: str, batch_size: int = 64, max_length: int | None = None,
+                 device: torch.device = torch.device("cpu"), graph: bool = False):
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()    # loading takes a moment; the progress worth showing is the encoding's
+        self._copy = None
+        if is_uri(model_dir):
+            self._copy = tempfile.TemporaryDirectory(prefix="gloss_ray_model_")
+            download_dir(model_dir, self._copy.name)
+            model_dir = self._copy.name
+        self.device = device
+        self.model = TextClassifier.from_pretrained(model_dir).to(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.batch_size = batch_size
+        self.max_length = max_length or self.model.meta.get("max_length") or DEFAULT_MAX_LENGTH
+        self.label_names = list(self.model.label_names or [])    # empty: the class ids are the names
+        self.graph = None
+        if graph:
+            from .graph.predict import load_graph_predictor
+
+            self.graph = load_graph_predictor(model_dir)
+            if self.graph is None:
+                print(f"[gloss-ray] {model_dir} has no graph-prediction files (train with --graph-predict): "
+                      "predicting with the classifier alone", file=sys.stderr, flush=True)
+
+    def encode(self, texts: list[str], progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, embeddings)`` of ``texts``, float32 on the CPU, in input order."""
+        batches = _batches(self.tokenizer, texts, self.batch_size * self.max_length, self.max_length)
+        return encode(self.model, batches, self.device, rows=len(texts), progress=progress)
+
+    def predict(self, texts: list[str], progress=None) -> tuple[list[str], np.ndarray]:
+        """The label (class name) and its probability, the confidence, of every text."""
+        logits, embs = self.encode(texts, progress)
+        prob = logits.softmax(1) if self.graph is None else self.graph.blend_proba(logits, embs)
+        names = self.label_names or [str(i) for i in range(prob.shape[1])]
+        return [names[i] for i in prob.argmax(1).tolist()], prob.max(1).values.numpy()
+
+    def embed(self, texts: list[str], progress=None) -> np.ndarray:
+        """The document embedding of every text, float32 ``[len(texts), dim]``."""
+        return self.encode(texts, progress)[1].numpy()
 
 
 def _batches(tok, texts: list[str], max_tokens: int, max_length: int):
@@ -71,38 +102,38 @@ def _batches(tok, texts: list[str], max_tokens: int, max_length: int):
         yield batch
 
 
-def predict_file(model_dir, input_path, output=None, text_column="text", batch_size=64, max_length=None,
-                 graph=False) -> Path:
-    """Labels and confidences of the texts in ``input_path``: the classifier's softmax, or with ``graph``
-    the blend of the classifier with propagation over the training corpus that the run chose on
-    validation (:mod:`gloss_ray.graph.predict`, saved by ``--graph-predict``); a folder without the
-    graph files predicts with the classifier and says so in one line."""
-    texts = read_texts(input_path, text_column)
-    model, logits, embs = _run(model_dir, texts, batch_size, max_length, "predict")
-    prob = logits.softmax(1)
-    if graph:
-        from .graph.predict import load_graph_predictor
+def _progress(what: str, texts: list[str], batch_size: int):
+    """A progress bar (stderr) over the texts encoded, when there is more than one batch."""
+    from tqdm.auto import tqdm
 
-        gp = load_graph_predictor(model_dir)
-        if gp is None:
-            print(f"[gloss-ray] {model_dir} has no graph-prediction files (train with --graph-predict): "
-                  "predicting with the classifier alone", file=sys.stderr, flush=True)
-        else:
-            prob = gp.blend_proba(logits, embs)
-    names = model.label_names or [str(i) for i in range(logits.shape[1])]
-    frame = pd.DataFrame({"text": texts, "label": [names[i] for i in prob.argmax(1).tolist()],
-                          "confidence": prob.max(1).values.numpy()})
+    return tqdm(total=len(texts), desc=what, unit="text", disable=len(texts) <= batch_size)
+
+
+def predict_file(model_dir, input_path, output=None, text_column="text", batch_size=64, max_length=None,
+                 graph=False, gpu=False) -> Path:
+    """Labels and confidences of the texts of one local file, in this process: a CSV (or, for an
+    ``output`` ending in .jsonl, JSON lines) of ``text``, ``label``, ``confidence``."""
+    texts = read_texts(input_path, text_column)
+    predictor = Predictor(model_dir, batch_size, max_length, device(gpu), graph)
+    with _progress("predict", texts, batch_size) as progress:
+        labels, confidence = predictor.predict(texts, progress)
+    frame = pd.DataFrame({"text": texts, "label": labels, "confidence": confidence})
     out = Path(output or Path(input_path).with_suffix(".predictions.csv"))
     frame.to_json(out, orient="records", lines=True) if out.suffix == ".jsonl" else frame.to_csv(out, index=False)
     return out
 
 
-def embed_file(model_dir, input_path, output=None, text_column="text", batch_size=64, max_length=None) -> Path:
+def embed_file(model_dir, input_path, output=None, text_column="text", batch_size=64, max_length=None,
+               gpu=False) -> Path:
+    """Embeddings of the texts of one local file, in this process: a ``.npy`` array, or for an
+    ``output`` ending in .parquet, a table of ``text``, ``embedding``."""
     texts = read_texts(input_path, text_column)
-    _, _, emb = _run(model_dir, texts, batch_size, max_length, "embed")
+    predictor = Predictor(model_dir, batch_size, max_length, device(gpu))
+    with _progress("embed", texts, batch_size) as progress:
+        emb = predictor.embed(texts, progress)
     out = Path(output or Path(input_path).with_suffix(".embeddings.npy"))
     if out.suffix == ".parquet":
-        pd.DataFrame({"text": texts, "embedding": list(emb.numpy())}).to_parquet(out)
+        pd.DataFrame({"text": texts, "embedding": list(emb)}).to_parquet(out)
     else:
-        np.save(out, emb.numpy())
+        np.save(out, emb)
     return out

@@ -201,3 +201,15 @@ def object_fingerprint(uri: str) -> str:
     info = file_info(uri)
     mtime = info.mtime_ns if info.mtime_ns is not None else ""
     return hashlib.sha256(f"{uri}\n{info.size}\n{mtime}".encode()).hexdigest()
+
+
+def download_dir(uri: str, local_dir: str | Path) -> None:
+    """Copy the folder at ``uri`` (``s3://`` / ``gs://``; e.g. a run's ``model/``) into the local
+    folder ``local_dir``; :class:`DataError` naming ``uri`` when there is no such folder."""
+    try:
+        fs, path = filesystem(uri)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{uri}: cannot access ({' '.join(str(exc).split())})") from exc
+    if _info(fs, path, uri).type != pafs.FileType.Directory:
+        raise DataError(f"{uri}: folder not found")
+    pafs.copy_files(path, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())

@@ -38,7 +38,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-JOBS = ("finetune", "sweep", "benchmark", "report")
+JOBS = ("finetune", "sweep", "benchmark", "report", "predict")
 JOB_TIMEOUT_S = 300
 RAY_CLI = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
 ADDRESS_VARS = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")  # would override any address given to Ray's job client
@@ -201,12 +201,12 @@ def test_jobs_run_from_a_plain_checkout(tmp_path):
         "    except SystemExit as e:\n"
         "        assert e.code in (0, None), (script, e.code)\n"
     )
-    scripts = [str(checkout / "jobs" / f"{name}.py") for name in ("finetune", "sweep", "benchmark")]
+    scripts = [str(checkout / "jobs" / f"{name}.py") for name in ("finetune", "sweep", "benchmark", "predict")]
     out = subprocess.run([sys.executable, "-c", code, *scripts], cwd=tmp_path, capture_output=True, text=True,
                          timeout=180)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.count(f"gloss_ray from {checkout / 'gloss_ray'}") == 3, out.stdout
-    for usage in ("gloss-ray train", "gloss-ray tune", "gloss-ray bench"):
+    assert out.stdout.count(f"gloss_ray from {checkout / 'gloss_ray'}") == 4, out.stdout
+    for usage in ("gloss-ray train", "gloss-ray tune", "gloss-ray bench", "gloss-ray predict"):
         assert f"usage: {usage}" in out.stdout
 
 
@@ -496,3 +496,30 @@ def test_submitted_sweep_report_lands_in_storage(cluster, jobs):
     assert (sweep / "search" / "mr__ce" / "trials.json").exists()
     assert (sweep / "runs" / "mr" / "ce" / "seed0" / "metrics.json").exists()
     assert "[gloss-ray] report:" in logs
+
+
+@pytest.mark.ray
+def test_submitted_predict_job_writes_parquet_shards(cluster, tiny_model_dir):
+    """`python jobs/predict.py` as a job: a folder of Parquet shards classified through Ray Data on the
+    cluster (the job always takes the Ray Data path), one output row per document, keyed by its id."""
+    import pandas as pd
+
+    from gloss_ray.model import TextClassifier, load_tokenizer
+
+    work = cluster["work"]
+    model = work / "predict-model"
+    TextClassifier.from_encoder(tiny_model_dir, 2).save_pretrained(model, load_tokenizer(tiny_model_dir), ["neg", "pos"])
+    corpus = work / "predict-corpus"
+    corpus.mkdir()
+    for i in range(2):
+        pd.DataFrame({"id": [f"{i}-{j}" for j in range(10)],
+                      "text": [f"film {j} of part {i} was fine" for j in range(10)]}).to_parquet(corpus / f"p{i}.parquet")
+    out = work / "predictions"
+    job = cluster["client"].submit_job(
+        entrypoint=f"python jobs/predict.py --model-dir {model} --input {corpus} --output {out} --batch-size 8",
+        runtime_env=_runtime_env())
+    logs = _wait(cluster, job, "SUCCEEDED")
+    assert "--ray" in logs and f"wrote 20 rows" in logs
+    got = pd.read_parquet(out)
+    assert sorted(got["id"]) == sorted(f"{i}-{j}" for i in range(2) for j in range(10))
+    assert set(got["label"]) <= {"neg", "pos"} and got["confidence"].between(0.5, 1).all()

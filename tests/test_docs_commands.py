@@ -16,7 +16,8 @@ from gloss_ray.sweep.plan import parse_loss_spec, parse_sets, split_list
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-JOBS = {"jobs/finetune.py": "train", "jobs/sweep.py": "tune", "jobs/benchmark.py": "bench", "jobs/report.py": "report"}
+JOBS = {"jobs/finetune.py": "train", "jobs/sweep.py": "tune", "jobs/benchmark.py": "bench", "jobs/report.py": "report",
+        "jobs/predict.py": "predict"}      # jobs/predict.py embed ...: gloss-ray embed
 SHELL_FENCES = {"", "bash", "sh", "shell", "console"}
 STOP = {"&&", "||", ";", "|", "&", ">", ">>", "<", "2>", "2>&1"}
 PLACEHOLDER = re.compile(r"^([A-Z][A-Z0-9_]*|<[^>]*>|\$\{?\w+\}?.*)$")   # S, N, DIR, <dir>, $DATA...
@@ -66,7 +67,8 @@ def _commands_in(tokens: list[str]) -> list[list[str]]:
         if tok == "gloss-ray" and (i == 0 or tokens[i - 1] not in ("cd", "clone", "REPOSITORY_URL")):
             rest = tokens[i + 1:]
         elif tok in JOBS and i > 0 and tokens[i - 1].startswith("python"):
-            rest = [JOBS[tok], *tokens[i + 1:]]
+            rest = tokens[i + 1:]
+            rest = rest if tok == "jobs/predict.py" and rest[:1] == ["embed"] else [JOBS[tok], *rest]
         else:
             continue
         end = next((j for j, t in enumerate(rest) if t in STOP), len(rest))

@@ -16,13 +16,17 @@ def model_dir(tiny_model_dir, tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("command", ["predict", "embed"])
-@pytest.mark.parametrize("name, content", [("texts.txt", ""), ("texts.csv", "text\n"), ("texts.csv", "")])
-def test_an_empty_input_file_is_one_line_and_writes_nothing(model_dir, tmp_path, capfd, command, name, content):
+@pytest.mark.parametrize("name, content, message", [("texts.txt", "", "no data rows (the file is empty)"),
+                                                     ("texts.csv", "text\n", "no data rows"),
+                                                     ("texts.csv", "", "no data rows (the file is empty)")])
+def test_an_empty_input_file_is_one_line_and_writes_nothing(model_dir, tmp_path, capfd, command, name, content,
+                                                            message):
+    """The messages of the reader that training uses too (gloss_ray.data.read_texts)."""
     (tmp_path / name).write_text(content)
     out_file = tmp_path / ("out.csv" if command == "predict" else "out.npy")
     code = cli.main([command, "--model-dir", model_dir, "--input", str(tmp_path / name), "--output", str(out_file)])
     err = capfd.readouterr().err.strip()
-    assert code == 2 and err == f"gloss-ray: error: {tmp_path / name}: holds no texts (the file is empty)"
+    assert code == 2 and err == f"gloss-ray: error: {tmp_path / name}: {message}"
     assert not out_file.exists()
 
 
