@@ -70,16 +70,17 @@ def resolve(search_alg: str | None, scheduler: str | None) -> tuple[str, str]:
     sched = scheduler or ("bohb" if alg == "bohb" else DEFAULT_SCHEDULER)
     if sched not in SCHEDULERS:
         raise ConfigError(f"--scheduler {sched}: unknown (one of {', '.join(SCHEDULERS)})")
-    missing = [p for p in _PACKAGES.get(alg, ()) if importlib.util.find_spec(p) is None]
-    if missing:
-        raise ConfigError(f"--search-alg {alg}: needs the Python package(s) {', '.join(missing)}, not installed "
-                          f"(pip install {' '.join(missing)})")
     if (alg == "bohb") != (sched == "bohb"):
         raise ConfigError(f"--scheduler {sched}: --search-alg bohb runs with --scheduler bohb (HyperBandForBOHB) "
                           "and that scheduler with it only")
     if sched == "pbt" and alg not in ("random", "grid"):
         raise ConfigError(f"--scheduler pbt: takes --search-alg random or grid, not {alg} (Ray Tune refuses a "
                           "search algorithm beside PBT, which explores by mutating the trials itself)")
+    # after the combination checks: a wrong combination is wrong whatever is installed
+    missing = [p for p in _PACKAGES.get(alg, ()) if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ConfigError(f"--search-alg {alg}: needs the Python package(s) {', '.join(missing)}, not installed "
+                          f"(pip install {' '.join(missing)})")
     if sched == "pbt" and not pbt_supported():
         raise ConfigError("--scheduler pbt: not available yet: a PBT trial must start a Train run from another "
                           "trial's checkpoint, which Ray Train 2.60 (V2) refuses as resume_from_checkpoint and "
