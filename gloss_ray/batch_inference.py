@@ -70,13 +70,18 @@ def _not_found(fs: pafs.FileSystem, uri: str) -> DataError:
     return DataError(f"{redact(uri)}: file or folder not found")
 
 
+def _filesystem(uri: str, what: str) -> tuple[pafs.FileSystem, str]:
+    """``filesystem(uri)``, or a one-line error naming ``what`` and the URI (credentials redacted)."""
+    try:
+        return filesystem(uri)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{what}{redact(uri)}: cannot access ({' '.join(str(exc).split())})") from exc
+
+
 def list_shards(uri: str) -> Shards:
     """The files of ``--input``: one file, or every data file under a folder / prefix."""
     uri = absolute(uri)
-    try:
-        fs, root = filesystem(uri)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{uri}: cannot access ({' '.join(str(exc).split())})") from exc
+    fs, root = _filesystem(uri, "")
     info = _info(fs, root, uri)
     if info.type == pafs.FileType.NotFound:
         raise _not_found(fs, uri)
@@ -210,10 +215,7 @@ class Embed(_Model):
 def _check_output(uri: str) -> tuple[pafs.FileSystem, str]:
     """The output's filesystem and path; an error when it is a file or a folder that holds files
     (Ray Data would add its shards to them)."""
-    try:
-        fs, path = filesystem(uri)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"--output {redact(uri)}: cannot access ({' '.join(str(exc).split())})") from exc
+    fs, path = _filesystem(uri, "--output ")
     info = _info(fs, path, uri)
     if info.type == pafs.FileType.File:
         raise DataError(f"--output {redact(uri)}: is a file; give a folder (or prefix) for the Parquet shards")
