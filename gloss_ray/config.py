@@ -30,6 +30,8 @@ SCHEDULE_FORMS = (f"{' | '.join(SCHEDULE_KINDS)} (a kind ramps from 10%% of the 
                   "'{kind: cosine, start: 0.1}' (keys in gloss_ray/schedules.py)")
 PATHS_NOTE = "relative paths are taken from the folder you run the command in"
 _INT1 = number(1, integer=True)
+DATA_LOADERS = ("auto", "memory", "ray-data")
+RAY_DATA_MIN_DOCS = 200_000   # --data-loader auto's threshold (docs/benchmarks.md section 11)
 
 
 # Help texts are ``gloss-ray train --help``'s: argparse's "%" is written "%%"; "(default: ...)" is added from
@@ -68,6 +70,17 @@ class TrainConfig:
         "use at most this many training documents, a seeded stratified subset (default: all)", integer=True)
     max_eval: int | None = option(None, number(1, integer=True, nullable="all"),
         "use at most this many validation documents and this many test documents (default: all)", integer=True)
+    data_loader: str = option("auto", one_of(DATA_LOADERS),
+        "how workers get the training data: 'memory' (every worker reads and tokenises the whole corpus, "
+        "cached per node; exact, seeded batches), 'ray-data' (Ray Data streams each worker its shard, "
+        "tokenised on the cluster's CPUs: worker memory independent of the corpus size; see "
+        "gloss_ray/train/streaming.py), or 'auto': ray-data from --ray-data-min-docs training documents "
+        "on, when the run's other options allow it")
+    ray_data_min_docs: int = option(RAY_DATA_MIN_DOCS, _INT1,
+        "--data-loader auto streams through Ray Data from this many training documents on", integer=True)
+    shuffle_buffer: int = option(10_000, number(0, integer=True),
+        "--data-loader ray-data: documents each worker shuffles within, after Ray Data's random block "
+        "order (0: block order only)", integer=True)
     max_length: int = option(128, _INT1,
         "truncate every text to this many tokens (batches are padded to their longest text)", integer=True)
     label_fraction: float = option(1.0, number(0, 1, lo_open=True),

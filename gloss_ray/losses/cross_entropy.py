@@ -41,7 +41,12 @@ class WeightedCrossEntropy(nn.Module):
 
 def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """sklearn's "balanced" weights ``n / (C_present * count_c)``; classes with no example get 0."""
-    counts = torch.bincount(torch.as_tensor(labels).long(), minlength=num_classes).double()
+    return balanced_weights(torch.bincount(torch.as_tensor(labels).long(), minlength=num_classes))
+
+
+def balanced_weights(counts) -> torch.Tensor:
+    """:func:`balanced_class_weights` from the examples per class (``counts[c]``)."""
+    counts = torch.as_tensor(counts).double()
     present = (counts > 0).sum()
     w = torch.where(counts > 0, counts.sum() / (present * counts.clamp_min(1)), torch.zeros_like(counts))
     return w.float()

@@ -1,6 +1,8 @@
-"""A worker's data: the corpus tokenised (cached per node), the low-label subset, the sampler of
-global batches, and a loader per split. Every rank builds the same thing; the sampler hands each
-rank its slice of every global batch."""
+"""A worker's data on the in-memory path (``--data-loader memory``): the corpus tokenised (cached per
+node), the low-label subset, the sampler of global batches, and a loader per split. Every rank builds
+the same thing; the sampler hands each rank its slice of every global batch. The loop reads it
+through ``sizes``, ``batches``, ``outputs`` and ``calibration_sample``, as it reads the Ray Data path's
+:class:`~gloss_ray.train.streaming.StreamData`."""
 from __future__ import annotations
 
 import os
@@ -12,9 +14,10 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
+from .. import distributed as D
 from ..config import TrainConfig
 from ..data import GlobalBatchSampler, PadCollator, load_corpus, tokenize_split
-from ..model import LengthBatches, load_tokenizer
+from ..model import LengthBatches, encode, load_tokenizer
 
 
 @dataclass
@@ -38,6 +41,46 @@ class WorkerData:
     @property
     def steps_per_epoch(self) -> int:
         return len(self.sampler)
+
+    @property
+    def train_docs(self) -> int:
+        return len(self.train)
+
+    @property
+    def eval_splits(self) -> list[str]:
+        return list(self.eval_sets)
+
+    @property
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.train_labels, minlength=self.corpus.num_classes)
+
+    def sizes(self) -> dict[str, int]:
+        """Documents per split (``train``: those trained on)."""
+        return {"train": len(self.train), **{k: len(v) for k, v in self.eval_sets.items()}}
+
+    def batches(self, epoch: int, done: int = 0) -> DataLoader:
+        """This rank's batches of epoch ``epoch``, after the first ``done`` (a step checkpoint's)."""
+        self.sampler.set_epoch(epoch, done)
+        return self.loader
+
+    def outputs(self, model, split: str, device, embeddings: bool = True):
+        """``(logits, embeddings or None, labels)`` of every document of ``split`` (``train``: the
+        documents trained on; ``validation``, ``test``), in order, on every rank: each rank encodes a
+        contiguous shard, the parts are gathered."""
+        ds = self.train if split == "train" else self.eval_sets[split]
+        rank, world = D.rank_and_world()
+        logits, emb = encode(model, self.loader_for(ds, D.shard_indices(len(ds), world, rank)), device)
+        parts = D.gather_objects((logits.numpy(), emb.numpy() if embeddings else None))
+        labels = np.asarray(self.train_labels if split == "train" else ds["label"])
+        return (np.concatenate([p[0] for p in parts]),
+                np.concatenate([p[1] for p in parts]) if embeddings else None, labels)
+
+    def calibration_sample(self, model, device, seed: int, n: int = 1024):
+        """Sigma's calibration sample: ``(embeddings, labels)`` of a seeded ``n`` training documents,
+        the same on every rank."""
+        rows = np.random.default_rng(seed).permutation(len(self.train))[:n].tolist()
+        emb = encode(model, self.loader_for(self.train, rows), device)[1].double()
+        return emb, torch.tensor(self.train.select(rows)["label"])
 
     @property
     def encode_tokens(self) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from ..config import TrainConfig
-from ..errors import GlossRayError
+from ..errors import ConfigError, GlossRayError
 from ..storage import exists, join, ray_storage, read_json, redact
 from . import tracking
 
@@ -82,17 +82,37 @@ def preflight(cfg: TrainConfig) -> None:
                 hf_dataset=cfg.hf_dataset, max_samples={"train": 2, "validation": 2, "test": 2})
 
 
-def auto_cpus_per_worker(workers: int, runs_at_once: int = 1) -> float:
+def auto_cpus_per_worker(workers: int, runs_at_once: int = 1, reserve: float = 0) -> float:
     """CPUs for each Train worker of a CPU run: the CPUs of the largest node (all the cluster's on
-    one machine), shared by the run's workers and by the runs that go at once; at least 1."""
+    one machine), shared by the run's workers and by the runs that go at once; at least 1. With
+    ``reserve`` (the Ray Data path), that many CPUs stay free for Ray Data's tasks, and a worker's
+    share may be a fraction."""
     import ray
 
     per_node = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
     cpus = min(max(per_node, default=1), ray.cluster_resources().get("CPU", 1) / max(1, runs_at_once))
+    if reserve:
+        return max(0.25, (cpus - reserve) / workers)
     return float(max(1, int(cpus // workers)))
 
 
+def data_loader(cfg: TrainConfig) -> str:
+    """``memory`` or ``ray-data``: ``--data-loader`` as given, or for ``auto`` ray-data when the
+    training split has ``--ray-data-min-docs`` documents or more and no option rules it out."""
+    from . import streaming
+
+    why = streaming.unsupported(cfg)
+    if cfg.data_loader == "ray-data" and why:
+        raise ConfigError(why)
+    if cfg.data_loader != "auto":
+        return cfg.data_loader
+    if why:
+        return "memory"
+    return "ray-data" if streaming.count_train_rows(cfg) >= cfg.ray_data_min_docs else "memory"
+
+
 START_CHECKPOINT = "_start_checkpoint"   # the train_loop_config key of fit's start_checkpoint (not a TrainConfig field)
+STREAM = "_stream"                       # ... and of the Ray Data path's StreamPlan
 
 
 def _worker(config: dict) -> None:
@@ -101,12 +121,14 @@ def _worker(config: dict) -> None:
     from .loop import train
     from .session import RaySession
 
-    start_checkpoint = config.get(START_CHECKPOINT)
-    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k != START_CHECKPOINT})
-    # PyTorch's intra-op threads = the CPUs this worker reserved (Ray's OMP_NUM_THREADS default is
-    # the reservation rounded down, 1 for fractions; set it explicitly either way).
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker or 1)))
-    train(cfg, RaySession(join(cfg.storage, cfg.name), start_checkpoint))
+    from .streaming import StreamPlan
+
+    start_checkpoint, stream = config.get(START_CHECKPOINT), config.get(STREAM)
+    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k not in (START_CHECKPOINT, STREAM)})
+    # PyTorch's intra-op threads = the CPUs this worker reserved, rounded (Ray's OMP_NUM_THREADS
+    # default is the reservation rounded down, 1 for fractions; set it explicitly either way).
+    torch.set_num_threads(max(1, round(cfg.cpus_per_worker or 1)))
+    train(cfg, RaySession(join(cfg.storage, cfg.name), start_checkpoint, StreamPlan(**stream) if stream else None))
 
 
 def fit(cfg: TrainConfig, callbacks: list | None = None, start_checkpoint=None) -> dict:
@@ -129,19 +151,32 @@ def fit(cfg: TrainConfig, callbacks: list | None = None, start_checkpoint=None) 
     cfg = cfg.resolved()             # paths as the user meant them: workers run in other folders
     if cfg.benchmark:                # the data folder found here is pinned: workers may not share the driver's env
         cfg.data_dir = str(find_benchmark(cfg.benchmark, cfg.data_dir))
-    preflight(cfg)
+    init_ray()
+    cfg.data_loader = data_loader(cfg)
+    stream = datasets = None
+    if cfg.data_loader == "ray-data":    # read, checked and tokenised by Ray Data (gloss_ray.train.streaming)
+        from ..model import check_model
+        from . import streaming
+
+        check_model(cfg.model)
+        stream, datasets = streaming.plan(cfg)
+    else:
+        preflight(cfg)
     cfg.name = cfg.run_name
     tracking.prepare(cfg)            # --report-to: packages, defaults, the MLflow experiment, git commit
     root = cfg.storage
     run_dir = join(root, cfg.name)
-    init_ray()
     if cfg.cpus_per_worker is None:
-        cfg.cpus_per_worker = 1.0 if cfg.gpu else auto_cpus_per_worker(cfg.workers)
+        cfg.cpus_per_worker = 1.0 if cfg.gpu else auto_cpus_per_worker(cfg.workers, reserve=streaming.FREE_CPUS if stream else 0)
+    if stream:
+        streaming.check_resources(cfg)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpu else {})}
     storage_path, storage_fs = ray_storage(root)
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={**cfg.to_dict(), **({START_CHECKPOINT: start_checkpoint} if start_checkpoint else {})},
+        train_loop_config={**cfg.to_dict(), **({START_CHECKPOINT: start_checkpoint} if start_checkpoint else {}),
+                           **({STREAM: stream.to_dict()} if stream else {})},
+        **({"datasets": datasets, "dataset_config": streaming.data_config()} if stream else {}),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=cfg.name,

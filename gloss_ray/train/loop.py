@@ -28,12 +28,13 @@ import torch
 
 from .. import distributed as D
 from ..config import TrainConfig
-from ..losses import WeightedCrossEntropy, balanced_class_weights
+from ..losses import WeightedCrossEntropy, balanced_weights
 from ..metrics import classification_metrics
 from ..model import TextClassifier, autocast, encode, unwrap
 from ..throughput import Meter, peak_flops
 from . import checkpoint, tracking
 from .inputs import WorkerData, load_worker_data
+from .streaming import StreamData
 from .objective import TrainingObjective, build_auxiliary
 from .outputs import finish
 from .session import peak_rss_kib, quiet_libraries, rank0_printer, seed_all, seed_rank_streams
@@ -50,7 +51,7 @@ class Run:
     other ranks) and the checkpointed ``state`` (:func:`gloss_ray.train.checkpoint.new_state`)."""
     cfg: TrainConfig
     session: object
-    data: WorkerData
+    data: WorkerData | StreamData
     device: torch.device
     model: torch.nn.Module
     objective: TrainingObjective
@@ -81,9 +82,9 @@ def train(cfg: TrainConfig, session) -> dict:
     t_start = time.time()
     log = rank0_printer(rank)
 
-    data = load_worker_data(cfg, rank, world, log)
-    log(f"[gloss-ray] {data.corpus.name}: {len(data.train)} train / "
-        + " / ".join(f"{len(v)} {k}" for k, v in data.eval_sets.items())
+    stream = session.stream()
+    data = load_worker_data(cfg, rank, world, log) if stream is None else StreamData(cfg, stream, session.dataset_shard)
+    log(f"[gloss-ray] {data.corpus.name}: " + " / ".join(f"{n} {k}" for k, n in data.sizes().items())
         + f" docs, {data.corpus.num_classes} classes; {world} worker(s) x batch {cfg.batch_size}; "
         f"{data.steps_per_epoch} steps/epoch; device {device}"
         + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""))
@@ -108,7 +109,7 @@ def train(cfg: TrainConfig, session) -> dict:
         unwrap(model).load_state_dict(run.best_weights)
         state["throughput"] = run_throughput(state["history"], peak, peak_source, world)
         final = finish(cfg, session, model, data, state, device, t_start, log,
-                       test=lambda ds: evaluate(model, data, ds, device, want_embeddings=True), trackers=run.trackers)
+                       test=lambda split: evaluate(model, data, split, device, want_embeddings=True), trackers=run.trackers)
     except BaseException:
         try:                        # the run's own error is the one to raise
             run.trackers.finish(failed=True)
@@ -132,7 +133,7 @@ def run_epoch(run: Run, epoch: int) -> bool:
         diag = RefreshDiagnostics(**partial["diag"])
     clock = lambda: partial.get("epoch_time_s", 0.0) + time.time() - t0   # noqa: E731
     sums, speed = train_epoch(run, epoch, partial, diag, clock)
-    val, _, _ = evaluate(run.model, run.data, run.data.eval_sets["validation"], run.device)
+    val = evaluate(run.model, run.data, "validation", run.device)[0]
     epoch_time = clock()
     state["elapsed_s"] += epoch_time
     row = history_row(epoch, sums, val, epoch_time, state, run.scheduler, run.objective, run.graph, diag, speed)
@@ -159,7 +160,7 @@ def build_model(cfg: TrainConfig, session, data: WorkerData, device):
     C = data.corpus.num_classes
     model = session.prepare_model(TextClassifier.from_encoder(cfg.model, C, cfg.pooling, cfg.dropout))
     seed_rank_streams(cfg.seed, D.rank_and_world()[0])
-    cw = balanced_class_weights(data.train_labels, C) if cfg.class_weights == "balanced" else None
+    cw = balanced_weights(data.class_counts) if cfg.class_weights == "balanced" else None
     graph = None
     if cfg.global_k > 0:
         from ..graph.global_graph import GlobalGraph
@@ -206,13 +207,7 @@ def calibrate(objective: TrainingObjective, state: dict, model, data: WorkerData
     if state["sigma"] is not None:
         objective.aux.restore({"sigma": state["sigma"]})
         return
-
-    def sample(n=1024):
-        rows = np.random.default_rng(seed).permutation(len(data.train))[:n].tolist()
-        emb = encode(model, data.loader_for(data.train, rows), device)[1].double()
-        return emb, torch.tensor(data.train.select(rows)["label"])
-
-    found = objective.aux.calibrate(sample, device)
+    found = objective.aux.calibrate(lambda n=1024: data.calibration_sample(model, device, seed, n), device)
     if found:
         state["sigma"] = found["sigma"]
         log(f"[gloss-ray] sigma ({found['kind']}) from {found['docs']} training docs: {state['sigma']:.4f}")
@@ -250,9 +245,8 @@ def train_epoch(run: Run, epoch: int, partial: dict, diag: RefreshDiagnostics | 
     cfg, data, model, state = run.cfg, run.data, run.model, run.state
     model.train()
     done = int(partial.get("batches", 0))                 # batches of this epoch already trained on
-    data.sampler.set_epoch(epoch, done)
     acc = EpochAccumulator.restore(partial, run.rank, unwrap(model).encoder)
-    batches = data.loader
+    batches = data.batches(epoch, done)
     if cfg.progress and run.rank == 0:
         from tqdm import tqdm
 
@@ -263,8 +257,9 @@ def train_epoch(run: Run, epoch: int, partial: dict, diag: RefreshDiagnostics | 
         step = state["global_step"]
         with autocast(run.device):
             logits, emb = model(batch["input_ids"].to(run.device), batch["attention_mask"].to(run.device))
+        index = batch.get("index")          # the documents' corpus rows (the global graph's; in-memory path)
         obj, backward_loss = run.objective(logits, emb, batch["labels"].to(run.device), step,
-                                           batch["index"].to(run.device))
+                                           None if index is None else index.to(run.device))
         lrs = [g["lr"] for g in run.optimizer.param_groups]     # the rates this step trains with
         if apply_step(backward_loss, model, run.optimizer, run.scheduler, cfg.grad_clip, step, state, run.log):
             acc.add_loss([obj.total.item(), obj.ce.item(), obj.aux.item()])
@@ -359,16 +354,12 @@ def apply_step(loss, model, optimizer, scheduler, grad_clip: float, step: int, s
     return True
 
 
-def evaluate(model, data: WorkerData, dataset, device, want_embeddings=False):
-    """Predictions over a whole split: each rank takes a contiguous shard, results gathered in order.
-    Returns ``(metrics, predictions, embeddings or None)``."""
-    rank, world = D.rank_and_world()
-    logits, emb = encode(model, data.loader_for(dataset, D.shard_indices(len(dataset), world, rank)), device)
-    parts = D.gather_objects((logits.argmax(1).numpy(), emb.numpy() if want_embeddings else None))
-    pred = np.concatenate([p[0] for p in parts])
-    emb = np.concatenate([p[1] for p in parts]) if want_embeddings else None
-    labels = np.asarray(dataset["label"])
-    return classification_metrics(labels, pred, int(labels.max()) + 1), pred, emb
+def evaluate(model, data: WorkerData | StreamData, split: str, device, want_embeddings=False):
+    """Predictions over a whole split (``validation``, ``test``), each rank encoding its shard (the
+    data's ``outputs``). Returns ``(metrics, predictions, embeddings or None, labels)`` on every rank."""
+    logits, emb, labels = data.outputs(model, split, device, embeddings=want_embeddings)
+    pred = logits.argmax(1)
+    return classification_metrics(labels, pred, int(labels.max()) + 1), pred, emb, labels
 
 
 def history_row(epoch, sums, val, epoch_time, state, scheduler, objective, graph, diag, speed) -> dict:

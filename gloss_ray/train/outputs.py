@@ -25,7 +25,7 @@ from .. import distributed as D
 from .. import plots
 from ..losses.sigma import SigmaStrategy
 from ..metrics import silhouette
-from ..model import encode, unwrap
+from ..model import unwrap
 from ..model_card import write_model_card
 from ..schedules import Schedule
 from ..storage import redact, staged_output
@@ -42,12 +42,11 @@ def finish(cfg, session, model, data, state: dict, device, t_start: float, log, 
              "skipped_steps": state["skipped_steps"], "num_workers": world, "device": device.type,
              "cpu_threads": torch.get_num_threads(), "global_graph": cfg.global_k > 0,
              "label_fraction": cfg.label_fraction, "num_classes": data.corpus.num_classes,
-             "train_docs": len(data.train), "tokenize_s": data.tokenize_s}
+             "train_docs": data.train_docs, "tokenize_s": data.tokenize_s,
+             "data_loader": cfg.data_loader}
     test_emb = test_labels = None
-    if "test" in data.eval_sets:
-        test_ds = data.eval_sets["test"]
-        test_labels = np.asarray(test_ds["label"])
-        scores, _, test_emb = test(test_ds)
+    if "test" in data.eval_splits:
+        scores, _, test_emb, test_labels = test("test")
         final.update(test_accuracy=scores["accuracy"], test_macro_f1=scores["macro_f1"])
         final["silhouette"] = silhouette(test_emb, test_labels, seed=cfg.seed) if rank == 0 else None
     graph, graph_scores = graph_prediction(cfg, model, data, state, device, log)
@@ -149,17 +148,11 @@ def graph_prediction(cfg, model, data, state: dict, device, log):
     rank, world = D.rank_and_world()
     t0 = time.perf_counter()
 
-    def outputs(ds):
-        logits, emb = encode(model, data.loader_for(ds, D.shard_indices(len(ds), world, rank)), device)
-        parts = D.gather_objects((logits.numpy(), emb.numpy()))
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-    train_emb = outputs(data.train)[1]
-    splits = {name: SplitOutputs(*outputs(ds), np.asarray(ds["label"])) for name, ds in data.eval_sets.items()}
+    train_emb, train_labels = (lambda o: (o[1], o[2]))(data.outputs(model, "train", device))
+    splits = {name: SplitOutputs(*data.outputs(model, name, device)) for name in data.eval_splits}
     encode_s = time.perf_counter() - t0
     if rank != 0:
         return None, {}
-    train_labels = np.asarray(data.train_labels)
     sigma, source = prediction_sigma(cfg, state.get("sigma"), train_emb, train_labels, cfg.seed)
     graph = GraphPredictor(train_emb, train_labels, data.corpus.num_classes, sigma,
                            transductive=cfg.graph_transductive)

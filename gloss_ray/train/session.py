@@ -37,6 +37,10 @@ class LocalSession:
     def prepare_model(self, model):
         return model.to(self.device())
 
+    def stream(self):
+        """The Ray Data path's plan: never in one plain process (it needs Ray Train's dataset shards)."""
+        return None
+
     def checkpoint_dir(self) -> str | None:
         """The last complete checkpoint: ``local_checkpoint``, or the one moved aside when a run was
         killed between the two renames of :meth:`report`."""
@@ -63,11 +67,23 @@ class RaySession:
     ``start_checkpoint`` (a ``ray.train.Checkpoint``) is where a new run starts when Train has no
     checkpoint of its own yet: a PBT trial continuing another trial's checkpoint with a mutated
     configuration (Ray Train V2 has no ``resume_from_checkpoint``). Once the run has reported a
-    checkpoint, a restarted worker resumes from the run's own latest one instead."""
+    checkpoint, a restarted worker resumes from the run's own latest one instead.
 
-    def __init__(self, run_dir: str, start_checkpoint=None):
+    ``stream`` (a :class:`~gloss_ray.train.streaming.StreamPlan`): the run reads its data through Ray
+    Data, this worker's shards coming from :meth:`dataset_shard`."""
+
+    def __init__(self, run_dir: str, start_checkpoint=None, stream=None):
         self.run_dir = run_dir
         self.start_checkpoint = start_checkpoint
+        self._stream = stream
+
+    def stream(self):
+        return self._stream
+
+    def dataset_shard(self, name: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
 
     def device(self) -> torch.device:
         import ray.train.torch
