@@ -38,6 +38,7 @@ import pyarrow.fs as pafs
 
 from .data import READERS
 from .errors import ConfigError, DataError, GlossRayError
+from .log import say
 from .storage import _bucket, _info, absolute, filesystem, redact
 
 ROWS_PER_CALL = 16          # x --batch-size: the texts each actor call gets, length-sorted into encoding batches
@@ -254,8 +255,8 @@ def _check_resources(gpu: bool, private: bool) -> None:
     if gpu and not gpus:
         if private:
             raise ConfigError("--gpu: Ray sees no GPU on this machine; leave out --gpu to run on the CPU")
-        print("[gloss-ray] --gpu: the Ray cluster has no GPU yet; the actors wait for one (an autoscaling cluster "
-              "adds GPU nodes on demand)", file=sys.stderr, flush=True)
+        say("--gpu: the Ray cluster has no GPU yet; the actors wait for one (an autoscaling cluster adds GPU "
+            "nodes on demand)", file=sys.stderr)
 
 
 _RAISED = re.compile(r"^(?:gloss_ray\.errors\.)?(DataError|ConfigError): (.+)$")
