@@ -1,6 +1,7 @@
 """One benchmark x loss Ray Tune search (:func:`run_search`): a search algorithm samples the space
 (Optuna by default), a scheduler acts per epoch on the space's ``metric``/``mode`` (ASHA by default:
-it stops trials), and each trial is one Ray Train run. The choices: :mod:`gloss_ray.sweep.algorithms`.
+it stops trials), and each trial is one Ray Train run. The choices: :mod:`gloss_ray.sweep.algorithms`;
+the scheduler of a choice: :func:`trial_scheduler`.
 
 Train V2 + Tune: a trial is a function (:func:`_trial`) that runs its own ``TorchTrainer`` through
 :func:`gloss_ray.train.launch.fit` with Tune's ``TuneReportCallback``, which forwards each epoch's
@@ -28,12 +29,12 @@ import threading
 import pyarrow.fs as pafs
 from ray.train import UserCallback
 from ray.tune import Callback
+from ray.tune import schedulers
 from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 
 from ..log import say
 from ..storage import exists, filesystem, join, read_json, remove_checkpoints, write_json
 from . import algorithms
-from .algorithms import ASHA_REDUCTION  # noqa: F401  (defined here before the choice of scheduler)
 from .plan import last_line, run_config
 from .ray_cleanup import StopTrainRuns, register_run, released
 from .spaces import Dist, Space, decode_params
@@ -198,6 +199,24 @@ class SynchronousPBT(PopulationBasedTraining):
         self._ended(tune_controller, trial)
 
 
+def trial_scheduler(sched: str, metric: str, mode: str, *, max_epochs: int, grace_epochs: int, spec: dict):
+    """The Tune trial scheduler of ``--scheduler`` ``sched`` (:mod:`gloss_ray.sweep.algorithms`);
+    ``time_attr`` is the epoch (every scheduler acts per epoch)."""
+    if sched == "fifo":
+        return schedulers.FIFOScheduler()
+    if sched == "bohb":
+        return schedulers.HyperBandForBOHB(time_attr="epoch", metric=metric, mode=mode, max_t=max_epochs,
+                                           reduction_factor=algorithms.ASHA_REDUCTION)
+    if sched == "pbt":
+        mutations, explore = algorithms.pbt_mutations(spec)
+        return SynchronousPBT(
+            time_attr="epoch", metric=metric, mode=mode, perturbation_interval=grace_epochs,
+            hyperparam_mutations=mutations, custom_explore_fn=explore, synch=True, last_epoch=max_epochs)
+    return schedulers.ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=max_epochs,
+                                    grace_period=min(grace_epochs, max_epochs),
+                                    reduction_factor=algorithms.ASHA_REDUCTION)
+
+
 def _trial_dirname(trial) -> str:
     return trial.trial_id
 
@@ -338,8 +357,8 @@ def _tuner(search_dir: str, name: str, label: str, trainable, spec: dict, space:
         param_space=algorithms.param_space(search_alg, spec),
         tune_config=tune.TuneConfig(
             search_alg=algorithms.searcher(search_alg, space.metric, space.mode, seed),
-            scheduler=algorithms.scheduler(scheduler, space.metric, space.mode, max_epochs=epochs,
-                                           grace_epochs=grace_epochs, spec=spec),
+            scheduler=trial_scheduler(scheduler, space.metric, space.mode, max_epochs=epochs,
+                                      grace_epochs=grace_epochs, spec=spec),
             num_samples=samples, max_concurrent_trials=concurrency, reuse_actors=False,
             trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(
