@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gloss_ray.config import TrainConfig  # noqa: E402
+from gloss_ray.log import say  # noqa: E402
 from gloss_ray.model import TextClassifier  # noqa: E402
 from gloss_ray.report.stats import paired_difference  # noqa: E402
 from gloss_ray.train.inputs import load_worker_data  # noqa: E402
@@ -66,7 +67,7 @@ def calibrated_sigma(run: Path) -> float | None:
     return float(value) if value not in (None, "", "None") else None
 
 
-def score_run(run: Path, args, log) -> dict:
+def score_run(run: Path, args) -> dict:
     metrics = json.loads((run / "metrics.json").read_text())
     conf = dict(metrics["config"])
     conf.update(model=str(run / "model"), graph_predict=True, graph_transductive=args.transductive,
@@ -75,11 +76,11 @@ def score_run(run: Path, args, log) -> dict:
     cfg = TrainConfig.from_dict({k: v for k, v in conf.items() if k in known}, source=str(run / "metrics.json"))
     device = torch.device(args.device)
     t0 = time.perf_counter()
-    data = load_worker_data(cfg, 0, 1, log)
+    data = load_worker_data(cfg, 0, 1, say)
     model = TextClassifier.from_pretrained(run / "model").to(device)
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    graph, scores = graph_prediction(cfg, model, data, {"sigma": calibrated_sigma(run)}, device, log)
+    graph, scores = graph_prediction(cfg, model, data, {"sigma": calibrated_sigma(run)}, device, say)
     scoring_s = time.perf_counter() - t1
     if args.save:
         graph.save(run / "model")
@@ -118,7 +119,7 @@ def main() -> None:
     rows = []
     for run in run_dirs(args.runs):
         print(f"== {run}", flush=True)
-        rows.append(score_run(run, args, lambda *a: print(*a, flush=True)))
+        rows.append(score_run(run, args))
     result = {"command": " ".join(sys.argv), "machine": platform.node(), "device": args.device,
               "torch_threads": torch.get_num_threads(), "transductive": args.transductive,
               "runs": rows, "paired": summary(rows)}

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from .errors import ConfigError, DataError
+from .log import say
 from .shards import Shards, _filesystem, gloss_error, key_column, list_shards, read
 from .storage import _bucket, _info, absolute, filesystem, redact
 
@@ -130,8 +131,8 @@ def _check_resources(gpu: bool, private: bool) -> None:
     if gpu and not gpus:
         if private:
             raise ConfigError("--gpu: Ray sees no GPU on this machine; leave out --gpu to run on the CPU")
-        print("[gloss-ray] --gpu: the Ray cluster has no GPU yet; the actors wait for one (an autoscaling cluster "
-              "adds GPU nodes on demand)", file=sys.stderr, flush=True)
+        say("--gpu: the Ray cluster has no GPU yet; the actors wait for one (an autoscaling cluster adds GPU "
+            "nodes on demand)", file=sys.stderr)
 
 
 def run(what: str, model_dir: str, input_uri: str, output: str, text_column: str = "text",

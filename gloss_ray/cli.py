@@ -27,7 +27,7 @@ from .config import OPTIONS, PATHS_NOTE, TrainConfig
 from .data import CACHE_ENV, cache_dir
 from .options import BENCHMARKS, LOSSES, TRACKERS
 from .errors import ConfigError, GlossRayError
-from .storage import redact
+from .log import fail, say
 from .sweep.algorithms import SCHEDULERS, SEARCH_ALGS
 
 def _parse_scalar(text: str):
@@ -272,7 +272,7 @@ def cmd_train(args) -> int:
           f"best epoch {m['best_epoch']}  wall {m['wall_time_s']:.0f}s")
     note = chance_note(m)
     if note:
-        print(note)
+        say(note)
     return 0
 
 
@@ -351,10 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except GlossRayError as e:
-        print(f"gloss-ray: error: {redact(str(e))}", file=sys.stderr)
+        fail(f"error: {e}")
         return 2
     except KeyboardInterrupt:
-        print("gloss-ray: interrupted; re-run the same command with the same --name to resume", file=sys.stderr)
+        fail("interrupted; re-run the same command with the same --name to resume")
         return 130
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import uuid
@@ -38,10 +37,9 @@ import torch
 
 
 from .errors import DataError
+from .log import say
 from .options import BENCHMARKS, SPLITS
 from .storage import file_info, is_file, is_uri, join, object_fingerprint, open_input
-
-log = logging.getLogger(__name__)
 
 DATA_ENV = "GLOSS_RAY_DATA"            # a folder holding <name>/{train,validation,test}.parquet
 CACHE_ENV = "GLOSS_RAY_CACHE"          # gloss_ray's cache root; data lives in <root>/data
@@ -428,14 +426,15 @@ def _cache_key(tokenizer, max_length: int, key: str, texts: list[str]) -> str:
 
 
 def tokenize_split(
-    texts: list[str], tokenizer, max_length: int, cache_dir: str | Path | None, key: str
+    texts: list[str], tokenizer, max_length: int, cache_dir: str | Path | None, key: str, log=say
 ):
     """Tokenise ``texts`` (truncated to ``max_length``, unpadded) into a ``datasets.Dataset``
     with columns ``input_ids`` and ``attention_mask``.
 
     With a ``cache_dir`` the result is stored under ``cache_dir/<sha256>`` (see :func:`_cache_key`)
     and later calls with the same arguments load it without calling the tokenizer. The entry is
-    written to a temporary folder and renamed, so concurrent workers never read a partial one.
+    written to a temporary folder and renamed, so concurrent workers never read a partial one;
+    ``log`` says which (a cache hit, or the entry written).
     """
     from datasets import Dataset, load_from_disk
     from datasets.table import InMemoryTable
@@ -446,7 +445,7 @@ def tokenize_split(
     if cache_dir is not None:
         target = Path(cache_dir) / digest
         if target.is_dir():
-            log.info("tokenisation cache hit: %s", target)
+            log(f"tokenisation cache hit: {target}")
             return load_from_disk(str(target))
     encoded = tokenizer(texts, truncation=True, max_length=max_length, padding=False)
     # An explicit fingerprint (the cache key): without one, datasets hashes the whole table by
@@ -462,7 +461,7 @@ def tokenize_split(
         tmp.rename(target)
     except OSError:  # another worker finished first; its entry is identical
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("tokenisation cached: %s", target)
+    log(f"tokenisation cached: {target}")
     return load_from_disk(str(target))
 
 

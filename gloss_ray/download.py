@@ -57,6 +57,7 @@ from typing import Iterable, Mapping
 
 from .data import DATA_ENV, BenchmarkMissing, cache_dir, find_benchmark, search_roots
 from .errors import DataError
+from .log import say
 from .options import BENCHMARKS, SPLITS
 
 MIRROR_ENV = "GLOSS_RAY_DATA_MIRROR"   # URL prefix replacing "https://"
@@ -113,7 +114,8 @@ def find_or_download(name: str, data_dir: str | os.PathLike | None = None) -> Pa
     except BenchmarkMissing:
         pass
     dest = search_roots(data_dir)[0] if data_dir else cache_dir()
-    _say(f"{name}: not found in {', '.join(map(str, search_roots(data_dir)))}; downloading into {dest}")
+    say(f"{name}: not found in {', '.join(map(str, search_roots(data_dir)))}; downloading into {dest}",
+        file=sys.stderr)
     download([name], dest)
     return dest
 
@@ -140,13 +142,13 @@ def download(
         target = root / name
         with _locked(root):
             if not force and all((target / f"{s}.parquet").is_file() for s in SPLITS):
-                _say(f"{name}: already in {target} (pass --force to download again)")
+                say(f"{name}: already in {target} (pass --force to download again)", file=sys.stderr)
             else:
                 fetcher.name = name
                 splits = _BUILDERS[name](fetcher)
                 _install(splits, target)
                 sizes = ", ".join(f"{s} {len(splits[s][0]):,}" for s in SPLITS)
-                _say(f"{name}: wrote {target} ({sizes} rows)")
+                say(f"{name}: wrote {target} ({sizes} rows)", file=sys.stderr)
         done.append(target)
     return done
 
@@ -216,10 +218,6 @@ def write_parquet(path: Path, texts: list[str], labels: list[str]) -> None:
     pq.write_table(table, path, compression="zstd", row_group_size=max(len(texts), 1))
 
 
-def _say(message: str) -> None:
-    print(f"gloss-ray: {message}", file=sys.stderr, flush=True)
-
-
 def _size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
@@ -263,7 +261,7 @@ class _Fetcher:
         """The bytes at ``url``, checked against its pinned sha256; prints one progress line."""
         data = self.raw(url)
         self.check(url, hashlib.sha256(data).hexdigest(), what=self.where(url))
-        _say(f"{what}: fetched {self.where(url)} ({_size(len(data))})")
+        say(f"{what}: fetched {self.where(url)} ({_size(len(data))})", file=sys.stderr)
         return data
 
     def check(self, key: str, digest: str, what: str) -> None:
@@ -322,7 +320,8 @@ def _ohsumed(fetcher: _Fetcher) -> Splits:
             size += len(data)
             label = paths[i].split("/")[-2]
             if i + 1 == len(paths) or paths[i + 1].split("/")[-2] != label:  # one line per class folder
-                _say(f"ohsumed: fetched {i + 1 - done} files {fetcher.where(OHSUMED_TEST)}{label}/ ({_size(size)})")
+                say(f"ohsumed: fetched {i + 1 - done} files {fetcher.where(OHSUMED_TEST)}{label}/ ({_size(size)})",
+                    file=sys.stderr)
                 done, size = i + 1, 0
     finally:
         pool.shutdown(cancel_futures=True)  # after a failure, fetch no more

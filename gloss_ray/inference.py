@@ -23,6 +23,7 @@ import torch
 
 from .data import PadCollator, read_texts
 from .errors import ConfigError
+from .log import say
 from .model import DEFAULT_MAX_LENGTH, TextClassifier, encode, token_budget_batches
 from .storage import download_dir, is_uri
 
@@ -70,8 +71,8 @@ class Predictor:
 
             self.graph = load_graph_predictor(model_dir)
             if self.graph is None:
-                print(f"[gloss-ray] {model_dir} has no graph-prediction files (train with --graph-predict): "
-                      "predicting with the classifier alone", file=sys.stderr, flush=True)
+                say(f"{model_dir} has no graph-prediction files (train with --graph-predict): "
+                    "predicting with the classifier alone", file=sys.stderr)
 
     def encode(self, texts: list[str], progress=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits, embeddings)`` of ``texts``, float32 on the CPU, in input order."""

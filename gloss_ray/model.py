@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .log import say
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 POOLINGS = ("cls", "mean")
@@ -291,9 +292,9 @@ class LegacyTextClassifier(nn.Module):
         from transformers import AutoConfig
         from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-        print(f"gloss-ray: note: {p} is in the old gloss-ray format ({LEGACY_HEAD_FILE}); gloss-ray reads it, but "
-              "transformers and sentence-transformers load only folders saved by this version: retrain to get one",
-              file=sys.stderr)
+        say(f"note: {p} is in the old gloss-ray format ({LEGACY_HEAD_FILE}); gloss-ray reads it, but "
+            "transformers and sentence-transformers load only folders saved by this version: retrain to get one",
+            file=sys.stderr)
         config = AutoConfig.from_pretrained(p)
         encoder_cls = MODEL_MAPPING[type(config)]
         with _expected_keys(encoder_cls, missing=[r"^pooler\."]):     # removed on purpose when it was saved

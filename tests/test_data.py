@@ -250,6 +250,14 @@ def test_tokenize_split_truncates_and_caches(tmp_path, tokenizer):
     assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 3
 
 
+def test_tokenize_split_says_whether_it_wrote_or_read_the_cache(tmp_path, tokenizer):
+    said = []
+    for _ in range(2):
+        tokenize_split(["one text"], tokenizer, max_length=8, cache_dir=tmp_path, key="abc:train", log=said.append)
+    entry = next(p for p in tmp_path.iterdir() if not p.name.startswith("."))
+    assert said == [f"tokenisation cached: {entry}", f"tokenisation cache hit: {entry}"]
+
+
 # --------------------------------------------------------------------------- batching
 
 

@@ -41,9 +41,9 @@ def test_metrics_json_and_the_model_card_hold_no_credentials(tiny_model_dir, tmp
 
 def test_json_files_and_sweep_log_lines_hold_no_credentials(tmp_path, capsys):
     from gloss_ray.storage import write_json
-    from gloss_ray.sweep.plan import log
+    from gloss_ray.log import say
 
     write_json(str(tmp_path / "t.json"), {"storage": f"{URI}/sweeps", "trials": [{"error": f"{URI}/x: denied"}]})
     assert SECRET not in (tmp_path / "t.json").read_text()
-    log(f"bench mr x ce -> {URI}/sweeps/s1")
+    say(f"bench mr x ce -> {URI}/sweeps/s1")
     assert capsys.readouterr().out == "[gloss-ray] bench mr x ce -> s3://***@bucket/sweeps/s1\n"

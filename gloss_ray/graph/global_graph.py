@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from .. import distributed as D
+from ..log import say
 from .bank import EmbeddingBank, GlobalNeighbours
 from .index import (KnnIndex, KnnResult, choose_backend, empty_state, held_out_queries, label_homophily,
                     restore_index, tie_aware_recall)
@@ -96,7 +97,7 @@ class RefreshDiagnostics:
 class GlobalGraph:
     def __init__(self, num_docs: int, dim: int, known_labels: np.ndarray, true_labels: np.ndarray, num_classes: int,
                  k: int, max_nodes: int, backend: str = "auto", device: torch.device | str = "cpu",
-                 pseudo_confidence: float = 0.0, diag_queries: int = 1000, seed: int = 0, log=print):
+                 pseudo_confidence: float = 0.0, diag_queries: int = 1000, seed: int = 0, log=say):
         self.device = torch.device(device)
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.known = torch.as_tensor(known_labels, dtype=torch.long)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .. import distributed as D
+from ..log import say
 
 SHM_DIR = "/dev/shm"
 SHM_MARGIN = 256 << 20       # bytes /dev/shm must keep free beyond the array (read when called)
@@ -134,7 +135,7 @@ def _map(fd: int, shape: tuple[int, ...], dtype: torch.dtype, writable: bool) ->
         return torch.from_numpy(array)
 
 
-def node_zeros(shape: tuple[int, ...], dtype: torch.dtype, tag: str, log=print, shm_dir: str = SHM_DIR,
+def node_zeros(shape: tuple[int, ...], dtype: torch.dtype, tag: str, log=say, shm_dir: str = SHM_DIR,
                margin: int | None = None) -> NodeArray:
     """A zero tensor of ``shape``: one copy per node when some node runs several ranks and every
     node's writer could reserve it in ``shm_dir`` (leaving ``margin``, default :data:`SHM_MARGIN`,
@@ -156,7 +157,7 @@ def node_zeros(shape: tuple[int, ...], dtype: torch.dtype, tag: str, log=print, 
         if fd is not None:
             os.close(fd)
         if rank == 0:
-            log(f"[gloss-ray] {tag}: each worker keeps its own copy: {why} (give the containers a larger "
+            log(f"{tag}: each worker keeps its own copy: {why} (give the containers a larger "
                 f"/dev/shm, e.g. docker --shm-size)")
         return _private(shape, dtype)
 
@@ -215,7 +216,7 @@ def reservation_holds(array: NodeArray) -> bool:
     return st.st_size >= nbytes and st.st_blocks * 512 >= nbytes
 
 
-def recheck(array: NodeArray, tag: str, log=print) -> NodeArray:
+def recheck(array: NodeArray, tag: str, log=say) -> NodeArray:
     """``array`` if every node's reservation still holds (a collective), else a private zero copy on
     every rank (said in one line by rank 0): contents are not kept, call it before rewriting them."""
     if all(D.gather_objects(reservation_holds(array))) or not array.shared:
@@ -223,5 +224,5 @@ def recheck(array: NodeArray, tag: str, log=print) -> NodeArray:
     if array.fd is not None:
         os.close(array.fd)
     if D.rank_and_world()[0] == 0:
-        log(f"[gloss-ray] {tag}: the node-shared copy lost its reserved memory: each worker keeps its own copy")
+        log(f"{tag}: the node-shared copy lost its reserved memory: each worker keeps its own copy")
     return _private(tuple(array.tensor.shape), array.tensor.dtype)

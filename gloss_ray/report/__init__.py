@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..log import fail
 from .collect import collect, run_key
 from .figures import draw
 from .render import PAPER_CITATION, write
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = build_report(*args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        fail(f"error: {e}")
         return 2
     print(paths["report.html"])
     return 0

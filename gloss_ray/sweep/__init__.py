@@ -34,7 +34,8 @@ through but some did not (every trial failed, or a run failed) -- both printed a
 """
 from __future__ import annotations
 
-from .plan import Plan, SweepOptions, base_configs, log, make_plan, parse_loss_spec, parse_sets
+from ..log import say
+from .plan import Plan, SweepOptions, base_configs, make_plan, parse_loss_spec, parse_sets
 
 __all__ = ["Plan", "SweepOptions", "base_configs", "main", "make_plan", "parse_loss_spec", "parse_sets"]
 
@@ -53,7 +54,7 @@ def _searches(plan: Plan, concurrency: int) -> tuple[list, list[str]]:
                                  concurrency=concurrency, keep_checkpoints=plan.options.keep_checkpoints,
                                  search_alg=plan.search_alg, scheduler=plan.scheduler)
             if best is None:
-                log(f"final {b} x {loss}: skipped (no successful trial)")
+                say(f"final {b} x {loss}: skipped (no successful trial)")
                 missing.append(f"{b} x {loss}")
             else:
                 jobs += plan.runs(b, loss, best["config"], best["trial_id"])
@@ -73,10 +74,10 @@ def _report(sweep_dir: str, tracked=None) -> None:
 
     if not is_uri(sweep_dir):
         if next(Path(sweep_dir).glob("runs/**/metrics.json"), None) is None:
-            log("report: no finished runs to report")
+            say("report: no finished runs to report")
         else:
             paths = build_report(sweep_dir)
-            log(f"report: {paths['report.md']} (also report.html, results.csv, results.json)")
+            say(f"report: {paths['report.md']} (also report.html, results.csv, results.json)")
             if tracked:
                 tracked(paths["report.md"].parent)
         return
@@ -85,7 +86,7 @@ def _report(sweep_dir: str, tracked=None) -> None:
         local, out = Path(tmp) / "sweep", Path(tmp) / "report"
         fetch_report_inputs(sweep_dir, local)
         if next(local.glob("runs/**/metrics.json"), None) is None:
-            log("report: no finished runs to report")
+            say("report: no finished runs to report")
             return
         paths = build_report(local, out)
         for path in paths.values():            # results.json, report.md ... name the sweep, not the copy
@@ -95,7 +96,7 @@ def _report(sweep_dir: str, tracked=None) -> None:
         upload_dir(out, dest)
         if tracked:
             tracked(out)
-    log(f"report: {redact(join(dest, 'report.md'))} (also report.html, results.csv, results.json), uploaded")
+    say(f"report: {join(dest, 'report.md')} (also report.html, results.csv, results.json), uploaded")
 
 
 def _report_tracker(plan: Plan):
@@ -110,7 +111,7 @@ def _report_tracker(plan: Plan):
 
     def tracked(folder) -> None:
         run_id = log_report(base["tracking_uri"], base["experiment"], plan.sweep_dir, folder)
-        log(f"report: logged to MLflow experiment {base['experiment']!r}, run {run_id}")
+        say(f"report: logged to MLflow experiment {base['experiment']!r}, run {run_id}")
     return tracked
 
 
@@ -126,8 +127,8 @@ def main(plan: Plan) -> int:
         from .ray_cleanup import check_ray_version
 
         check_ray_version()                     # the search's Train cleanup is tied to the Ray version
-    log(f"{opts.command} {', '.join(plan.benchmarks)} x {', '.join(plan.losses)} -> {plan.sweep_dir}")
-    log(f"to resume after an interruption, run the same command with --name {plan.name} --storage {opts.storage}")
+    say(f"{opts.command} {', '.join(plan.benchmarks)} x {', '.join(plan.losses)} -> {plan.sweep_dir}")
+    say(f"to resume after an interruption, run the same command with --name {plan.name} --storage {opts.storage}")
     init_ray()
     concurrency = default_concurrency(opts.concurrency, next(iter(plan.bases.values())))
     fill_cpus(plan.bases, concurrency)
@@ -135,11 +136,11 @@ def main(plan: Plan) -> int:
         jobs, missing = _searches(plan, concurrency)
     else:
         jobs, missing = [job for b, loss in plan.bases for job in plan.runs(b, loss)], []
-    log(f"{plan.stage} runs: {len(jobs)} ({opts.seeds} seed(s) x {len(plan.bases) - len(missing)} "
+    say(f"{plan.stage} runs: {len(jobs)} ({opts.seeds} seed(s) x {len(plan.bases) - len(missing)} "
         f"benchmark x loss), up to {concurrency} at a time")
     failed = run_many(jobs, concurrency, keep_checkpoints=opts.keep_checkpoints)
     _report(plan.sweep_dir, _report_tracker(plan))
     if missing or failed:
-        log(f"finished with problems: {failed} failed run(s); no result for {', '.join(missing) or '-'}")
+        say(f"finished with problems: {failed} failed run(s); no result for {', '.join(missing) or '-'}")
         return 1
     return 0

@@ -172,9 +172,9 @@ def _clip(bounds: dict, config: dict) -> dict:
     return out
 
 
-def pbt_mutations(spec: dict) -> tuple[dict, dict]:
-    """``(hyperparam_mutations, ranges)`` of PBT: choices as lists (PBT shifts to a neighbour or
-    resamples), ranges as Tune domains (resampled, or x 0.8 / 1.2 then clipped by :func:`_clip`)."""
+def pbt_mutations(spec: dict) -> tuple[dict, functools.partial]:
+    """``(hyperparam_mutations, custom_explore_fn)`` of PBT: choices as lists (PBT shifts to a neighbour
+    or resamples), ranges as Tune domains (resampled, or x 0.8 / 1.2 then clipped by :func:`_clip`)."""
     mutations, ranges = {}, {}
     for k in searched(spec):
         if k not in PBT_MUTABLE:
@@ -185,28 +185,7 @@ def pbt_mutations(spec: dict) -> tuple[dict, dict]:
         else:
             mutations[k] = d.to_tune()
             ranges[k] = (d.kind, tuple(d.args))
-    return mutations, ranges
-
-
-def scheduler(sched: str, metric: str, mode: str, *, max_epochs: int, grace_epochs: int, spec: dict):
-    """The Tune trial scheduler; ``time_attr`` is the epoch (every scheduler acts per epoch)."""
-    from ray.tune import schedulers
-
-    if sched == "fifo":
-        return schedulers.FIFOScheduler()
-    if sched == "bohb":
-        return schedulers.HyperBandForBOHB(time_attr="epoch", metric=metric, mode=mode, max_t=max_epochs,
-                                           reduction_factor=ASHA_REDUCTION)
-    if sched == "pbt":
-        mutations, ranges = pbt_mutations(spec)
-        from .search import SynchronousPBT
-
-        return SynchronousPBT(
-            time_attr="epoch", metric=metric, mode=mode, perturbation_interval=grace_epochs,
-            hyperparam_mutations=mutations, custom_explore_fn=functools.partial(_clip, ranges), synch=True,
-            last_epoch=max_epochs)
-    return schedulers.ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=max_epochs,
-                                    grace_period=min(grace_epochs, max_epochs), reduction_factor=ASHA_REDUCTION)
+    return mutations, functools.partial(_clip, ranges)
 
 
 # --------------------------------------------------------------------------- the search's record

@@ -16,19 +16,14 @@ import yaml
 from ..config import TrainConfig, read_sources
 from ..errors import ConfigError
 from ..options import dense_to_none, load_yaml
-from ..storage import absolute, join, redact
+from ..storage import absolute, join
 from . import algorithms
 from .spaces import Space, load_space
 
-PREFIX = "[gloss-ray]"
 GLOBAL_K_DEFAULT = 16      # global_k of a LOSS+global spec when the options set none
 DEFAULT_SAMPLES = 8        # --samples when not given (not used by --search-alg grid)
 REPORTED = ("val_macro_f1", "val_accuracy", "train_loss", "train_ce", "train_aux")  # metrics a space may name
 _SPEC = re.compile(r"^(?P<loss>[a-z_]+)(?P<glob>\+global)?(?:@(?P<frac>[0-9.]+))?$")
-
-
-def log(msg: str) -> None:
-    print(redact(f"{PREFIX} {msg}"), flush=True)
 
 
 def last_line(err) -> str:

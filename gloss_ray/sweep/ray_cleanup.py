@@ -33,7 +33,8 @@ from contextlib import contextmanager
 import ray
 
 from ..errors import GlossRayError
-from .plan import PREFIX, last_line, log
+from ..log import say
+from .plan import last_line
 
 TESTED_RAY = ((2, 60), (2, 60))     # (lowest, highest) Ray major.minor this workaround was tested with
 
@@ -103,7 +104,7 @@ class RunRegistry:
             try:
                 self._free_dead()
             except Exception as e:  # keep watching
-                print(f"{PREFIX} run registry: {e}", flush=True)
+                say(f"run registry: {e}")
 
     def _free_dead(self) -> None:
         from ray.util.placement_group import placement_group_table, remove_placement_group
@@ -183,7 +184,7 @@ class StopTrainRuns(Callback):
             try:
                 ray.get(reg.stop.remote(trial.trial_id), timeout=90)
             except Exception as e:
-                log(f"trial {trial.trial_id}: could not stop its Train run cleanly: {last_line(e)}")
+                say(f"trial {trial.trial_id}: could not stop its Train run cleanly: {last_line(e)}")
 
 
 def registry_status(registry: str) -> dict | None:
@@ -206,6 +207,6 @@ def released(registry: str, timeout_s: float = 60.0):
         time.sleep(1.0)
         now = registry_status(registry)
     if now["freed"] > before["freed"]:
-        log(f"freed the placement groups of {now['freed'] - before['freed']} trial run(s) whose controller had died")
+        say(f"freed the placement groups of {now['freed'] - before['freed']} trial run(s) whose controller had died")
     if now["live"]:
-        log(f"warning: {now['live']} trial run(s) still hold their workers' resources")
+        say(f"warning: {now['live']} trial run(s) still hold their workers' resources")

@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from ..config import TrainConfig
 from ..storage import absolute, exists, join, remove_checkpoints
-from .plan import last_line, log
+from ..log import say
+from .plan import last_line
 
 
 def _run_dir(cfg: TrainConfig) -> str:
@@ -21,8 +22,8 @@ def _finished(label: str, cfg: TrainConfig, metrics: dict, keep_checkpoints: boo
         try:
             remove_checkpoints(_run_dir(cfg))
         except OSError as e:                      # the run itself succeeded
-            log(f"{label}: could not remove its checkpoints: {last_line(e)}")
-    log(f"{label}: test acc {metrics.get('test_accuracy', math.nan):.4f} "
+            say(f"{label}: could not remove its checkpoints: {last_line(e)}")
+    say(f"{label}: test acc {metrics.get('test_accuracy', math.nan):.4f} "
         f"macro-F1 {metrics.get('test_macro_f1', math.nan):.4f}")
 
 
@@ -36,7 +37,7 @@ def run_many(jobs: list[tuple[str, TrainConfig]], concurrency: int, keep_checkpo
     for label, cfg in jobs:
         if exists(join(_run_dir(cfg), "metrics.json")):
             skipped += 1
-            log(f"{label}: skipped (metrics.json exists)")
+            say(f"{label}: skipped (metrics.json exists)")
         else:
             todo.append((label, cfg))
     if not todo:
@@ -51,12 +52,12 @@ def run_many(jobs: list[tuple[str, TrainConfig]], concurrency: int, keep_checkpo
                 done += 1
             except Exception as e:
                 failed += 1
-                log(f"{label}: FAILED: {last_line(e)}")
-            log(f"runs: {done + skipped + failed}/{len(jobs)} done ({skipped} skipped, {failed} failed)")
+                say(f"{label}: FAILED: {last_line(e)}")
+            say(f"runs: {done + skipped + failed}/{len(jobs)} done ({skipped} skipped, {failed} failed)")
     except KeyboardInterrupt:
         import ray
 
-        log("interrupted: stopping the running runs (the same command resumes them from their checkpoints)")
+        say("interrupted: stopping the running runs (the same command resumes them from their checkpoints)")
         pool.shutdown(wait=False, cancel_futures=True)   # first: a thread freed by the shutdown below would
         ray.shutdown()        # start the next queued run. The runs' ray.get calls fail, their threads end
         raise

@@ -1,6 +1,7 @@
 """One benchmark x loss Ray Tune search (:func:`run_search`): a search algorithm samples the space
 (Optuna by default), a scheduler acts per epoch on the space's ``metric``/``mode`` (ASHA by default:
-it stops trials), and each trial is one Ray Train run. The choices: :mod:`gloss_ray.sweep.algorithms`.
+it stops trials), and each trial is one Ray Train run. The choices: :mod:`gloss_ray.sweep.algorithms`;
+the scheduler of a choice: :func:`trial_scheduler`.
 
 Train V2 + Tune: a trial is a function (:func:`_trial`) that runs its own ``TorchTrainer`` through
 :func:`gloss_ray.train.launch.fit` with Tune's ``TuneReportCallback``, which forwards each epoch's
@@ -28,12 +29,13 @@ import threading
 import pyarrow.fs as pafs
 from ray.train import UserCallback
 from ray.tune import Callback
+from ray.tune import schedulers
 from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 
+from ..log import say
 from ..storage import exists, filesystem, join, read_json, remove_checkpoints, write_json
 from . import algorithms
-from .algorithms import ASHA_REDUCTION  # noqa: F401  (defined here before the choice of scheduler)
-from .plan import last_line, log, run_config
+from .plan import last_line, run_config
 from .ray_cleanup import StopTrainRuns, register_run, released
 from .spaces import Dist, Space, decode_params
 from .trials import best_trial
@@ -197,6 +199,24 @@ class SynchronousPBT(PopulationBasedTraining):
         self._ended(tune_controller, trial)
 
 
+def trial_scheduler(sched: str, metric: str, mode: str, *, max_epochs: int, grace_epochs: int, spec: dict):
+    """The Tune trial scheduler of ``--scheduler`` ``sched`` (:mod:`gloss_ray.sweep.algorithms`);
+    ``time_attr`` is the epoch (every scheduler acts per epoch)."""
+    if sched == "fifo":
+        return schedulers.FIFOScheduler()
+    if sched == "bohb":
+        return schedulers.HyperBandForBOHB(time_attr="epoch", metric=metric, mode=mode, max_t=max_epochs,
+                                           reduction_factor=algorithms.ASHA_REDUCTION)
+    if sched == "pbt":
+        mutations, explore = algorithms.pbt_mutations(spec)
+        return SynchronousPBT(
+            time_attr="epoch", metric=metric, mode=mode, perturbation_interval=grace_epochs,
+            hyperparam_mutations=mutations, custom_explore_fn=explore, synch=True, last_epoch=max_epochs)
+    return schedulers.ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=max_epochs,
+                                    grace_period=min(grace_epochs, max_epochs),
+                                    reduction_factor=algorithms.ASHA_REDUCTION)
+
+
 def _trial_dirname(trial) -> str:
     return trial.trial_id
 
@@ -234,7 +254,7 @@ class _SearchCallback(Callback):
                                       int(t.config.get("epochs", self.epochs)))
             if status in n:
                 n[status] += 1
-        log(f"search {self.label}: {sum(n.values())}/{self.total} trials done "
+        say(f"search {self.label}: {sum(n.values())}/{self.total} trials done "
             f"({n['STOPPED_EARLY']} stopped early, {n['ERROR']} failed)")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -287,14 +307,14 @@ def _max_epochs(spec: dict, base_epochs: int) -> int:
 def _summary(label: str, records: list[dict], trials_file: str, space: Space) -> dict | None:
     """Print the search's outcome; returns its best trial."""
     n = {s: sum(t["status"] == s for t in records) for s in STATUSES}
-    log(f"search {label}: {len(records)} trials ({n['TERMINATED']} finished, {n['STOPPED_EARLY']} stopped early, "
+    say(f"search {label}: {len(records)} trials ({n['TERMINATED']} finished, {n['STOPPED_EARLY']} stopped early, "
         f"{n['ERROR']} failed) -> {trials_file}")
     for t in records:
         if t["error"]:
-            log(f"  trial {t['trial_id']} failed: {t['error']}")
+            say(f"  trial {t['trial_id']} failed: {t['error']}")
     best = best_trial(records)
     if best:
-        log(f"search {label}: best trial {best['trial_id']}, {space.metric} {best['best_metric']:.4f}, "
+        say(f"search {label}: best trial {best['trial_id']}, {space.metric} {best['best_metric']:.4f}, "
             f"{best['config']}")
     return best
 
@@ -306,9 +326,9 @@ def _remove_trial_checkpoints(label: str, results) -> None:
         removed = sum(remove_checkpoints(join(r.path, run)) for r in results if r.path
                       for run in run_folders(r.path))
         removed += sum(remove_checkpoints(r.path) for r in results if r.path)
-        log(f"search {label}: removed {removed} trial checkpoint folder(s) (--keep-checkpoints keeps them)")
+        say(f"search {label}: removed {removed} trial checkpoint folder(s) (--keep-checkpoints keeps them)")
     except OSError as e:
-        log(f"search {label}: could not remove trial checkpoints: {last_line(e)}")
+        say(f"search {label}: could not remove trial checkpoints: {last_line(e)}")
 
 
 # --------------------------------------------------------------------------- the search
@@ -322,13 +342,13 @@ def _tuner(search_dir: str, name: str, label: str, trainable, spec: dict, space:
 
     exp_dir = join(search_dir, name)
     if tune.Tuner.can_restore(exp_dir):
-        log(f"search {label}: resuming the interrupted search in {exp_dir}")
+        say(f"search {label}: resuming the interrupted search in {exp_dir}")
         return tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=False, restart_errored=False)
     how = {"asha": f"ASHA on {space.metric} ({space.mode}), {epochs} epochs, grace {min(grace_epochs, epochs)}",
            "fifo": f"FIFO on {space.metric} ({space.mode}), {epochs} epochs, no early stopping",
            "pbt": f"PBT on {space.metric} ({space.mode}), perturbing every {grace_epochs} epoch(s)",
            "bohb": f"BOHB's HyperBand on {space.metric} ({space.mode}), {epochs} epochs"}[scheduler]
-    log(f"search {label}: {trials} trial(s), up to {concurrency} at a time; "
+    say(f"search {label}: {trials} trial(s), up to {concurrency} at a time; "
         f"{search_alg if seed is not None else 'constants only'}; {how}")
     checkpoints = (tune.CheckpointConfig(num_to_keep=algorithms.PBT_CHECKPOINTS_KEPT) if scheduler == "pbt"
                    else None)
@@ -337,8 +357,8 @@ def _tuner(search_dir: str, name: str, label: str, trainable, spec: dict, space:
         param_space=algorithms.param_space(search_alg, spec),
         tune_config=tune.TuneConfig(
             search_alg=algorithms.searcher(search_alg, space.metric, space.mode, seed),
-            scheduler=algorithms.scheduler(scheduler, space.metric, space.mode, max_epochs=epochs,
-                                           grace_epochs=grace_epochs, spec=spec),
+            scheduler=trial_scheduler(scheduler, space.metric, space.mode, max_epochs=epochs,
+                                      grace_epochs=grace_epochs, spec=spec),
             num_samples=samples, max_concurrent_trials=concurrency, reuse_actors=False,
             trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(
@@ -362,7 +382,7 @@ def run_search(sweep_dir: str, benchmark: str, loss: str, base: dict, space: Spa
     trials_file = join(exp_dir, "trials.json")
     if exists(trials_file):
         records = read_json(trials_file)
-        log(f"search {label}: done earlier ({len(records)} trials in {trials_file})")
+        say(f"search {label}: done earlier ({len(records)} trials in {trials_file})")
         return records, best_trial(records)
 
     spec = space.for_run(benchmark, loss)
@@ -395,7 +415,7 @@ def run_search(sweep_dir: str, benchmark: str, loss: str, base: dict, space: Spa
     # without them) ends at once, with no step, and is complete.
     unfinished = _LAST_STEP.get("unfinished", 0) + max(0, trials - len(results))
     if unfinished:
-        log(f"search {label}: interrupted with {trials - unfinished} of {trials} trials done")
+        say(f"search {label}: interrupted with {trials - unfinished} of {trials} trials done")
         raise KeyboardInterrupt
     records = trial_records(results, benchmark, loss, epochs, space.metric, space.mode,
                             "gpu" if base["gpu"] else "cpu", base["workers"], method)

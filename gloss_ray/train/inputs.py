@@ -141,10 +141,10 @@ def _default_cache() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "gloss_ray", "tokens")
 
 
-def _tokenised(corpus, split, tokenizer, cfg):
+def _tokenised(corpus, split, tokenizer, cfg, log):
     frame = corpus.splits[split]
     key = f"{corpus.fingerprint(split)}:{split}"
-    ds = tokenize_split(frame["text"].tolist(), tokenizer, cfg.max_length, cfg.cache_dir or _default_cache(), key)
+    ds = tokenize_split(frame["text"].tolist(), tokenizer, cfg.max_length, cfg.cache_dir or _default_cache(), key, log)
     fp = f"{key}:{cfg.max_length}".encode().hex()[-60:]  # explicit fingerprints: no hashing of Arrow internals
     ds = ds.add_column("label", frame["label"].astype(int).tolist(), new_fingerprint=fp + "l")
     return ds.add_column("index", list(range(len(frame))), new_fingerprint=fp + "i")
@@ -165,9 +165,9 @@ def load_worker_data(cfg: TrainConfig, rank: int, world: int, log) -> WorkerData
     for split in ("train", "validation", "test"):   # seconds to tokenise (or read from the cache), this rank
         if split in corpus.splits:
             t = time.perf_counter()
-            sets[split] = _tokenised(corpus, split, tokenizer, cfg)
+            sets[split] = _tokenised(corpus, split, tokenizer, cfg, log)
             tok_s[split] = time.perf_counter() - t
-    log("[gloss-ray] tokenisation: " + ", ".join(f"{k} {v:.1f}s" for k, v in tok_s.items()))
+    log("tokenisation: " + ", ".join(f"{k} {v:.1f}s" for k, v in tok_s.items()))
     full_train = train = sets.pop("train")
     true_labels = train_labels = np.asarray(full_train["label"])
     known_labels = true_labels.copy()
@@ -175,7 +175,7 @@ def load_worker_data(cfg: TrainConfig, rank: int, world: int, log) -> WorkerData
         known = known_label_subset(train_labels, cfg.label_fraction, cfg.seed)
         train, train_labels = full_train.select(known.tolist()), train_labels[known]
         known_labels[np.setdiff1d(np.arange(len(known_labels)), known)] = -1
-        log(f"[gloss-ray] low-label setting: {len(known)} of {len(corpus.splits['train'])} training labels known")
+        log(f"low-label setting: {len(known)} of {len(corpus.splits['train'])} training labels known")
     collate = PadCollator(tokenizer.pad_token_id)
     sampler = GlobalBatchSampler(train_labels.tolist(), cfg.batch_size, world, rank, seed=cfg.seed,
                                  balanced=cfg.balanced_batches)

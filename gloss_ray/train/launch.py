@@ -8,7 +8,8 @@ import os
 
 from ..config import TrainConfig
 from ..errors import ConfigError, GlossRayError
-from ..storage import exists, join, ray_storage, read_json, redact
+from ..log import say
+from ..storage import exists, join, ray_storage, read_json
 from . import tracking
 
 GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"     # ray.init starts a new instance's GCS on this port
@@ -191,11 +192,10 @@ def fit(cfg: TrainConfig, callbacks: list | None = None, start_checkpoint=None) 
             worker_runtime_env={"env_vars": fail_env} if (fail_env := fail_once_env()) else None,
         ),
     )
-    msg = (f"[gloss-ray] run {cfg.name}: {cfg.workers} worker(s){' on GPU' if cfg.gpu else ''} x "
-           f"{cfg.cpus_per_worker:g} CPU, outputs -> {run_dir}")
+    say(f"run {cfg.name}: {cfg.workers} worker(s){' on GPU' if cfg.gpu else ''} x {cfg.cpus_per_worker:g} CPU, "
+        f"outputs -> {run_dir}")
     if cfg.stage is None:      # a sweep's runs resume with the sweep's command, which says so itself
-        msg += f"\n[gloss-ray] to resume after an interruption, run the same command with --name {cfg.name}"
-    print(redact(msg), flush=True)
+        say(f"to resume after an interruption, run the same command with --name {cfg.name}")
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors; surface a bad-input error as one line

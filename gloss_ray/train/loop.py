@@ -28,6 +28,7 @@ import torch
 
 from .. import distributed as D
 from ..config import TrainConfig
+from ..log import for_rank
 from ..losses import WeightedCrossEntropy, balanced_weights
 from ..metrics import classification_metrics
 from ..model import TextClassifier, autocast, encode, unwrap
@@ -37,7 +38,7 @@ from .inputs import WorkerData, load_worker_data
 from .streaming import StreamData
 from .objective import TrainingObjective, build_auxiliary
 from .outputs import finish
-from .session import peak_rss_kib, quiet_libraries, rank0_printer, seed_all, seed_rank_streams
+from .session import peak_rss_kib, quiet_libraries, seed_all, seed_rank_streams
 
 if TYPE_CHECKING:
     from ..graph.global_graph import RefreshDiagnostics
@@ -47,8 +48,9 @@ if TYPE_CHECKING:
 class Run:
     """What the loop's parts share on one worker (instead of a dozen loose arguments): the
     configuration, the session, the data, the model and its objective, optimiser and schedule, the
-    global graph (or None), the device's peak FLOP/s, the rank-0 printer, the trackers (empty on
-    other ranks) and the checkpointed ``state`` (:func:`gloss_ray.train.checkpoint.new_state`)."""
+    global graph (or None), the device's peak FLOP/s, ``log`` (:func:`gloss_ray.log.for_rank`: rank 0
+    says), the trackers (empty on other ranks) and the checkpointed ``state``
+    (:func:`gloss_ray.train.checkpoint.new_state`)."""
     cfg: TrainConfig
     session: object
     data: WorkerData | StreamData
@@ -80,24 +82,24 @@ def train(cfg: TrainConfig, session) -> dict:
     device = session.device()
     seed_all(cfg.seed)
     t_start = time.time()
-    log = rank0_printer(rank)
+    log = for_rank(rank)
 
     stream = session.stream()
     data = load_worker_data(cfg, rank, world, log) if stream is None else StreamData(cfg, stream, session.dataset_shard)
-    log(f"[gloss-ray] {data.corpus.name}: " + " / ".join(f"{n} {k}" for k, n in data.sizes().items())
+    log(f"{data.corpus.name}: " + " / ".join(f"{n} {k}" for k, n in data.sizes().items())
         + f" docs, {data.corpus.num_classes} classes; {world} worker(s) x batch {cfg.batch_size}; "
         f"{data.steps_per_epoch} steps/epoch; device {device}"
         + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""))
-    model, objective, graph = build_model(cfg, session, data, device)
+    model, objective, graph = build_model(cfg, session, data, device, log)
     optimizer, scheduler = build_optimizer(cfg, model, data.total_steps)
     peak, peak_source = peak_flops(device)
-    log(f"[gloss-ray] device peak {peak / 1e9:.0f} GFLOP/s ({peak_source}), the MFU's denominator")
+    log(f"device peak {peak / 1e9:.0f} GFLOP/s ({peak_source}), the MFU's denominator")
 
     state, best_weights = checkpoint.new_state(), None
     if ckpt_dir := session.checkpoint_dir():
         state, best_weights = checkpoint.restore(ckpt_dir, model, optimizer, scheduler, device, graph)
         partial = state.get("partial")
-        log(f"[gloss-ray] resumed from checkpoint after epoch {state['epoch']} (step {state['global_step']}"
+        log(f"resumed from checkpoint after epoch {state['epoch']} (step {state['global_step']}"
             + (f", {partial['batches']} batches into epoch {state['epoch'] + 1})" if partial else ")"))
     run = Run(cfg, session, data, device, model, objective, optimizer, scheduler, graph, peak, log,
               tracking.start(cfg, session.run_dir, rank, state["global_step"]), state, best_weights)
@@ -114,7 +116,7 @@ def train(cfg: TrainConfig, session) -> dict:
         try:                        # the run's own error is the one to raise
             run.trackers.finish(failed=True)
         except Exception as e:      # noqa: BLE001
-            log(f"[gloss-ray] could not mark the tracked run failed: {type(e).__name__}: {e}")
+            log(f"could not mark the tracked run failed: {type(e).__name__}: {e}")
         raise
     run.trackers.finish()
     return final
@@ -143,7 +145,7 @@ def run_epoch(run: Run, epoch: int) -> bool:
         state["best_val_macro_f1"], state["best_epoch"] = val["macro_f1"], epoch
         run.best_weights = checkpoint.weights_cpu(run.model)
     state["epoch"] = epoch
-    log(f"[gloss-ray] epoch {epoch}: loss {row['train_loss']:.4f} (ce {row['train_ce']:.4f}, aux {row['train_aux']:.4f}) "
+    log(f"epoch {epoch}: loss {row['train_loss']:.4f} (ce {row['train_ce']:.4f}, aux {row['train_aux']:.4f}) "
         f"val acc {val['accuracy']:.4f} macro-F1 {val['macro_f1']:.4f}{' *' if improved else ''} [{row['epoch_time_s']:.1f}s; "
         f"train {speed['tokens_per_s']:.0f} tokens/s, {speed['docs_per_s']:.1f} docs/s, MFU {speed['mfu']:.1%}]")
     run.trackers.log_metrics(row, state["global_step"])
@@ -154,9 +156,9 @@ def run_epoch(run: Run, epoch: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- set-up
-def build_model(cfg: TrainConfig, session, data: WorkerData, device):
+def build_model(cfg: TrainConfig, session, data: WorkerData, device, log):
     """The classifier (DDP-wrapped under Ray), the training objective and, with ``--global-k``, the
-    global document graph."""
+    global document graph (whose node-shared bank says through ``log`` when it falls back to a copy per worker)."""
     C = data.corpus.num_classes
     model = session.prepare_model(TextClassifier.from_encoder(cfg.model, C, cfg.pooling, cfg.dropout))
     seed_rank_streams(cfg.seed, D.rank_and_world()[0])
@@ -167,7 +169,7 @@ def build_model(cfg: TrainConfig, session, data: WorkerData, device):
 
         graph = GlobalGraph(len(data.full_train), unwrap(model).encoder.config.hidden_size, data.known_labels,
                             data.true_labels, C, cfg.global_k, cfg.global_max_nodes, cfg.index, device,
-                            pseudo_confidence=cfg.pseudo_confidence, seed=cfg.seed)
+                            pseudo_confidence=cfg.pseudo_confidence, seed=cfg.seed, log=log)
     aux = build_auxiliary(cfg, C, cw, device, graph)
     return model, TrainingObjective(cfg, WeightedCrossEntropy(cw).to(device), aux, data.total_steps), graph
 
@@ -210,7 +212,7 @@ def calibrate(objective: TrainingObjective, state: dict, model, data: WorkerData
     found = objective.aux.calibrate(lambda n=1024: data.calibration_sample(model, device, seed, n), device)
     if found:
         state["sigma"] = found["sigma"]
-        log(f"[gloss-ray] sigma ({found['kind']}) from {found['docs']} training docs: {state['sigma']:.4f}")
+        log(f"sigma ({found['kind']}) from {found['docs']} training docs: {state['sigma']:.4f}")
 
 
 # ---------------------------------------------------------------------------------------------- an epoch
@@ -228,7 +230,7 @@ def refresh_graph(graph, cfg: TrainConfig, epoch: int, model, data: WorkerData, 
 
     graph.refresh(encode_shard, step, epoch)
     diag = graph.diagnostics()
-    log(f"[gloss-ray] {diag.describe(len(data.full_train), cfg.global_k)}, "
+    log(f"{diag.describe(len(data.full_train), cfg.global_k)}, "
         f"peak RSS so far {peak_rss_kib() / 1024:.0f} MB")
     return diag
 
@@ -340,14 +342,14 @@ def apply_step(loss, model, optimizer, scheduler, grad_clip: float, step: int, s
     optimizer.zero_grad(set_to_none=True)
     if not D.all_finite(loss.detach()):
         state["skipped_steps"] += 1
-        log(f"[gloss-ray] non-finite loss at step {step}: skipped on all workers")
+        log(f"non-finite loss at step {step}: skipped on all workers")
         return False
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
     if not D.all_finite(norm):  # a finite loss can still give non-finite gradients
         optimizer.zero_grad(set_to_none=True)
         state["skipped_steps"] += 1
-        log(f"[gloss-ray] non-finite gradient at step {step}: skipped on all workers")
+        log(f"non-finite gradient at step {step}: skipped on all workers")
         return False
     optimizer.step()
     scheduler.step()
@@ -378,10 +380,10 @@ def should_stop(cfg: TrainConfig, epoch: int, state: dict, total_steps: int, log
     if epoch >= cfg.epochs:
         return False
     if epoch - state["best_epoch"] >= cfg.patience:
-        log(f"[gloss-ray] early stop: no validation macro-F1 gain for {cfg.patience} epoch(s)")
+        log(f"early stop: no validation macro-F1 gain for {cfg.patience} epoch(s)")
         return True
     if state["global_step"] >= total_steps:
-        log(f"[gloss-ray] stop: --max-steps {cfg.max_steps} reached in epoch {epoch}")
+        log(f"stop: --max-steps {cfg.max_steps} reached in epoch {epoch}")
         return True
     return False
 

@@ -59,8 +59,9 @@ def finish(cfg, session, model, data, state: dict, device, t_start: float, log, 
     if rank == 0:
         write_outputs(cfg, session.run_dir, final, state["history"], model, data.tokenizer, data.corpus.label_names,
                       test_emb, test_labels, graph, steps=state.get("steps", []), trackers=trackers, step=state["global_step"])
-        log(f"[gloss-ray] done: test acc {final.get('test_accuracy', float('nan')):.4f} macro-F1 "
-            f"{final.get('test_macro_f1', float('nan')):.4f} (best epoch {state['best_epoch']}); outputs in {redact(session.run_dir)}")
+        log(f"done: test acc {final.get('test_accuracy', float('nan')):.4f} macro-F1 "
+            f"{final.get('test_macro_f1', float('nan')):.4f} (best epoch {state['best_epoch']}); "
+            f"outputs in {session.run_dir}")
     D.barrier()
     return final
 
@@ -75,7 +76,7 @@ def chance_note(metrics: dict) -> str | None:
     k = metrics.get("num_classes") or 0
     if not isinstance(f1, (int, float)) or k < 2 or f1 > 1 / k + 0.1 * (1 - 1 / k):
         return None
-    return (f"[gloss-ray] note: macro-F1 {f1:.3f} is at chance for {k} classes (1/{k} = {1 / k:.3f}): the model "
+    return (f"note: macro-F1 {f1:.3f} is at chance for {k} classes (1/{k} = {1 / k:.3f}): the model "
             f"learned little. Short runs (a few thousand documents, an epoch or two) need higher learning "
             f"rates than the defaults, e.g. {SHORT_RUN_SETTINGS}")
 
@@ -160,7 +161,7 @@ def graph_prediction(cfg, model, data, state: dict, device, log):
     scores.update(graph_predict=True, graph_sigma_source=source, graph_encode_s=encode_s)
     parts = [f"{s} {how} {scores[f'{p}_{how}_macro_f1']:.4f}" for s, p in (("val", "val"), ("test", "test"))
              for how in ("classifier", "graph", "blend") if f"{p}_{how}_macro_f1" in scores]
-    log(f"[gloss-ray] graph prediction ({'transductive' if graph.transductive else 'inductive'}, "
+    log(f"graph prediction ({'transductive' if graph.transductive else 'inductive'}, "
         f"{len(train_labels)} training docs, sigma {sigma:.4f} from {source}): graph k {graph.graph_k}, blend "
         f"alpha {graph.alpha:g} k {graph.k} (chosen on validation); macro-F1 " + ", ".join(parts)
         + f" [{encode_s:.1f}s encode, {scores['graph_predict_s']:.1f}s graph]")

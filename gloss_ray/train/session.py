@@ -155,11 +155,3 @@ def peak_rss_kib() -> int:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss // 1024 if sys.platform == "darwin" else rss
-
-
-def rank0_printer(rank: int):
-    """``log(*args)``: prints on rank 0 only. ``sys.__stdout__``: Ray Train V2 patches print() to
-    tee into its logger, which doubled every line."""
-    if rank != 0:
-        return lambda *a: None
-    return lambda *a: print(*a, file=sys.__stdout__, flush=True)
