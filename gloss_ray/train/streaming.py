@@ -41,7 +41,9 @@ What holds on this path:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import time
 import itertools
 import zlib
 from dataclasses import dataclass, field
@@ -68,16 +70,16 @@ EMPTY, NO_LABEL = "\0empty-text", "\0no-label"   # markers in the check pass's c
 @dataclass
 class StreamPlan:
     """What the driver learnt about the corpus, for the workers: its name and classes, rows per
-    split, training rows per class, and the file or URI of each split."""
+    split, training rows per class, the file or URI of each split, and the seconds its check pass took."""
     name: str
     label_names: list[str]
     rows: dict[str, int]
     class_counts: list[int]
     files: dict[str, str] = field(default_factory=dict)
+    check_s: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "label_names": self.label_names, "rows": self.rows,
-                "class_counts": self.class_counts, "files": self.files}
+        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -146,7 +148,9 @@ def plan(cfg: TrainConfig) -> tuple[StreamPlan, dict]:
                                                      num_cpus=DATA_CPUS)
         raw["train"] = raw["train"].map_batches(held, fn_kwargs={"keep": False}, batch_format="pandas",
                                                 num_cpus=DATA_CPUS)
+    t = time.perf_counter()
     counts = {split: _check(ds, redact(paths[split]), text, label) for split, ds in raw.items()}
+    check_s = time.perf_counter() - t
     label_names = _vocabulary(pd.DataFrame({"label": list(counts["train"])}), redact(paths["train"]))
     for split in ("validation", "test"):
         unseen = sorted(set(counts.get(split, {})) - set(label_names))
@@ -164,7 +168,7 @@ def plan(cfg: TrainConfig) -> tuple[StreamPlan, dict]:
     tokens = _tokenise(sample, **tokenise["fn_kwargs"])
     datasets["calibration"] = ray.data.from_items([dict(zip(tokens, row)) for row in zip(*tokens.values())])
     stream = StreamPlan(name, label_names, rows, [int(counts["train"].get(n, 0)) for n in label_names],
-                        {s: redact(p) for s, p in paths.items()})
+                        {s: redact(p) for s, p in paths.items()}, check_s)
     return stream, datasets
 
 
@@ -222,10 +226,13 @@ def _tokenizer(model: str | None):
 def _tokenise(batch: pd.DataFrame, model: str | None, max_length: int, text: str, label: str, ids: dict) -> dict:
     """A batch of rows -> ``input_ids`` (int32, padded to ``max_length``), ``length`` (real tokens) and
     ``label`` (its id). Runs in Ray Data's tasks; the tokenizer loads once per process."""
+    labels = batch[label].astype(str).map(ids)
+    if labels.isna().any():         # the driver's check pass saw every label; a file changed since?
+        raise DataError(f"label '{batch[label][labels.isna()].iloc[0]}' does not occur in the training split")
     enc = _tokenizer(model)(batch[text].astype(str).tolist(), truncation=True, max_length=max_length,
                             padding="max_length", return_tensors="np")
     return {"input_ids": enc["input_ids"].astype(np.int32), "length": enc["attention_mask"].sum(1).astype(np.int32),
-            "label": batch[label].astype(str).map(ids).to_numpy(np.int64)}
+            "label": labels.to_numpy(np.int64)}
 
 
 def check_resources(cfg: TrainConfig) -> None:
@@ -286,7 +293,9 @@ class StreamData:
         self.cfg, self.stream, self.shard, self.world = cfg, stream, shard, world
         self.corpus = Corpus(stream.name, stream.label_names, {}, stream.files)
         self.tokenizer = load_tokenizer(cfg.model)
-        self.tokenize_s: dict = {}          # tokenisation runs in Ray Data, as the batches stream
+        # tokenisation runs in Ray Data's tasks as the batches stream (its cost is in the training's
+        # documents/s); what the run spent before its first batch is the driver's check pass
+        self.tokenize_s = {"driver_check_pass": stream.check_s}
         self.eval_splits = [s for s in ("validation", "test") if s in stream.rows]
         per_rank = stream.rows["train"] // world
         self.steps_per_epoch = per_rank // cfg.batch_size
