@@ -152,7 +152,6 @@ def fit(cfg: TrainConfig, callbacks: list | None = None, start_checkpoint=None) 
     cfg = cfg.resolved()             # paths as the user meant them: workers run in other folders
     if cfg.benchmark:                # the data folder found here is pinned: workers may not share the driver's env
         cfg.data_dir = str(find_benchmark(cfg.benchmark, cfg.data_dir))
-    init_ray()
     cfg.data_loader = data_loader(cfg)
     stream = datasets = None
     if cfg.data_loader == "ray-data":    # read, checked and tokenised by Ray Data (gloss_ray.train.streaming)
@@ -160,9 +159,11 @@ def fit(cfg: TrainConfig, callbacks: list | None = None, start_checkpoint=None) 
         from . import streaming
 
         check_model(cfg.model)
+        init_ray()
         stream, datasets = streaming.plan(cfg)
     else:
-        preflight(cfg)
+        preflight(cfg)               # bad input fails in one line before Ray starts
+        init_ray()
     cfg.name = cfg.run_name
     tracking.prepare(cfg)            # --report-to: packages, defaults, the MLflow experiment, git commit
     root = cfg.storage
