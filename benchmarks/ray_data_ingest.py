@@ -12,7 +12,7 @@ comes). Validation and test are the corpus's 2,000 each. Each configuration runs
 (MiniLM, G-Loss, max length 64, batch 32 per worker, 2 workers, ``--max-steps``, no global graph:
 the bank's memory is the global graph's, measured in docs/benchmarks.md section 7) in a fresh child
 process, with a fresh tokenisation cache. A thread samples the child's resident memory (the driver)
-every 0.2 s; the workers' peaks are their own ``ru_maxrss`` (``peak_rss_mb_per_worker`` of
+every 0.2 s (``VmHWM``); the workers' peaks are their own ``ru_maxrss`` (``peak_rss_mb_per_worker`` of
 metrics.json). Prints a table; writes ``benchmarks/results/ray_data_ingest_cpu.json`` (``--out``) with
 the load average before and after every configuration.
 """
@@ -90,20 +90,20 @@ def moto(port: int = 0) -> tuple[subprocess.Popen, str]:
 
 
 class Peak(threading.Thread):
-    """Peak resident memory of one process (psutil, every 0.2 s)."""
+    """Peak resident memory of one process: its ``VmHWM`` (Linux ``/proc``), read every 0.2 s until it exits."""
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
         self.pid, self.peak_mb, self.done = pid, 0.0, threading.Event()
 
     def run(self) -> None:
-        import psutil
-
         while not self.done.is_set():
             try:
-                self.peak_mb = max(self.peak_mb, psutil.Process(self.pid).memory_info().rss / 2**20)
-            except psutil.Error:
+                status = Path(f"/proc/{self.pid}/status").read_text()
+            except OSError:
                 return
+            kib = next((int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmHWM:")), 0)
+            self.peak_mb = max(self.peak_mb, kib / 1024)
             time.sleep(0.2)
 
 
