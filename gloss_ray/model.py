@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 
@@ -40,13 +39,12 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .log import say
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 POOLINGS = ("cls", "mean")
 META_FILE = "gloss_ray.json"
 FORMAT = "gloss-ray/2"
-LEGACY_HEAD_FILE = "head.safetensors"       # gloss-ray/1: our own head, readable only by gloss-ray
+LEGACY_HEAD_FILE = "head.safetensors"       # pre-release folders' own head: refused with a one-line error
 DEFAULT_MAX_LENGTH = 128
 # config fields that set the dropout in front of the classifier, by architecture
 # (BERT/RoBERTa/ELECTRA, DistilBERT, ALBERT, DeBERTa-v2)
@@ -270,45 +268,11 @@ class TextClassifier(nn.Module):
             raise ConfigError(f"{p}: not a gloss-ray model directory (no {META_FILE}); pass the 'model' folder of a run")
         meta = json.loads((p / META_FILE).read_text())
         if (p / LEGACY_HEAD_FILE).exists():
-            return LegacyTextClassifier.load(p, meta)
+            raise ConfigError(f"{p}: saved in gloss-ray's pre-release format ({LEGACY_HEAD_FILE}: a head only "
+                              "gloss-ray read); retrain it to get a transformers / sentence-transformers folder")
         model = cls(AutoModelForSequenceClassification.from_pretrained(p, dtype=torch.float32), meta["pooling"])
         model.meta = meta
         return model
-
-
-class LegacyTextClassifier(nn.Module):
-    """A folder saved by gloss-ray before the standard format: an encoder saved without its pooler,
-    a linear head on the pooled embedding in ``head.safetensors``. Read-only, for predict/embed."""
-
-    def __init__(self, encoder: nn.Module, num_classes: int, pooling: str):
-        super().__init__()
-        self.encoder = encoder
-        self.pooling = pooling
-        self.head = nn.Linear(encoder.config.hidden_size, num_classes)
-
-    @classmethod
-    def load(cls, p: Path, meta: dict):
-        from safetensors.torch import load_file
-        from transformers import AutoConfig
-        from transformers.models.auto.modeling_auto import MODEL_MAPPING
-
-        say(f"note: {p} is in the old gloss-ray format ({LEGACY_HEAD_FILE}); gloss-ray reads it, but "
-            "transformers and sentence-transformers load only folders saved by this version: retrain to get one",
-            file=sys.stderr)
-        config = AutoConfig.from_pretrained(p)
-        encoder_cls = MODEL_MAPPING[type(config)]
-        with _expected_keys(encoder_cls, missing=[r"^pooler\."]):     # removed on purpose when it was saved
-            encoder = encoder_cls.from_pretrained(p, dtype=torch.float32)
-        model = cls(encoder, meta["num_classes"], meta["pooling"])
-        model.head.load_state_dict(load_file(p / LEGACY_HEAD_FILE))
-        model.label_names = meta.get("label_names", [])
-        model.meta = meta
-        return model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        emb = pool(hidden, attention_mask, self.pooling)
-        return self.head(emb), emb
 
 
 def unwrap(model: nn.Module) -> TextClassifier:

@@ -211,30 +211,21 @@ def test_every_parameter_trains_and_the_head_is_the_classifier_only_part(tiny_mo
                      "model.classifier.weight", "model.classifier.bias"}
 
 
-def test_old_format_folder_still_predicts(tiny_model_dir, tmp_path, capfd):
-    """A folder from before: encoder saved without pooler, head.safetensors, gloss_ray.json."""
+def test_a_pre_release_folder_is_refused_in_one_line(tiny_model_dir, tmp_path, capsys):
+    """A folder of gloss-ray's pre-release format (encoder without pooler, head.safetensors) is not read."""
     from safetensors.torch import save_file
-    from transformers import BertModel
 
-    enc = BertModel.from_pretrained(tiny_model_dir, add_pooling_layer=False)
-    enc.save_pretrained(tmp_path)
+    from gloss_ray import cli
+
     load_tokenizer(tiny_model_dir).save_pretrained(tmp_path)
-    head = torch.nn.Linear(32, 2)
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, tmp_path / LEGACY_HEAD_FILE)
+    save_file({k: v.contiguous() for k, v in torch.nn.Linear(32, 2).state_dict().items()}, tmp_path / LEGACY_HEAD_FILE)
     (tmp_path / META_FILE).write_text(json.dumps({"pooling": "cls", "num_classes": 2, "label_names": ["neg", "pos"],
                                                   "format": "gloss-ray/1"}))
     texts = tmp_path / "t.txt"
     texts.write_text("\n".join(TEXTS[:3]) + "\n")
-    capfd.readouterr()
-    pred = pd.read_csv(predict_file(str(tmp_path), str(texts), str(tmp_path / "p.csv")))
-    err = capfd.readouterr().err
-    assert "old gloss-ray format" in err and "LOAD REPORT" not in err
-    tok = load_tokenizer(tiny_model_dir)
-    b = tok(TEXTS[:3], padding=True, truncation=True, max_length=128, return_tensors="pt")
-    with torch.no_grad():
-        prob = head(enc(**b).last_hidden_state[:, 0]).softmax(-1)
-    assert pred["label"].tolist() == [["neg", "pos"][i] for i in prob.argmax(-1).tolist()]
-    np.testing.assert_allclose(pred["confidence"], prob.max(-1).values.numpy(), atol=1e-5)
+    assert cli.main(["predict", "--model-dir", str(tmp_path), "--input", str(texts)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pre-release format (head.safetensors" in err[0] and "retrain" in err[0], err
 
 
 def test_encode_keeps_no_batch_activations_alive():
