@@ -113,6 +113,10 @@ def run_config(loader: str, files: dict, env: dict, work: Path, name: str, steps
             "--loss", "gloss", "--max-steps", str(steps), "--epochs", "1", "--max-length", "64", "--batch-size", "32",
             "--workers", "2", "--storage", str(work / "runs"), "--name", name, "--no-progress",
             "--cache-dir", str(work / f"tok_{name}")]
+    import shutil
+
+    shutil.rmtree(work / f"tok_{name}", ignore_errors=True)    # a fresh tokenisation cache: the in-memory path tokenises
+    shutil.rmtree(work / "runs" / name, ignore_errors=True)    # and a new run, not a resumed one
     load0 = os.getloadavg()
     t = time.perf_counter()
     proc = subprocess.Popen(args, env=env, cwd=str(work), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
