@@ -63,6 +63,8 @@ DATA_CPUS = 0.5          # CPUs per Ray Data map task (tokenise, checks)
 FREE_CPUS = 1.0          # CPUs the Train workers leave to Ray Data: its file listing and read tasks take
                          # one each (Ray's default); with less the stream stalls (seen: "1/0 CPU", no rows)
 EVAL_WINDOW = 4096       # documents read at once on evaluation, sorted by length into encoding batches
+TASK_ROWS = 1024         # rows per call of a Ray Data map (tokenise, checks): a task's memory is bounded by
+                         # it (a whole 100k-row block per call held ~4.9 GB of tokenizer output in a task)
 CALIBRATION_DOCS = 1024  # sigma's calibration sample, the same on every rank
 EMPTY, NO_LABEL = "\0empty-text", "\0no-label"   # markers in the check pass's counts
 
@@ -151,9 +153,9 @@ def plan(cfg: TrainConfig) -> tuple[StreamPlan, dict]:
         paths["validation"] = paths["train"]
         held = functools.partial(_held_out, text=text, seed=cfg.seed)
         raw["validation"] = raw["train"].map_batches(held, fn_kwargs={"keep": True}, batch_format="pandas",
-                                                     num_cpus=DATA_CPUS)
+                                                     batch_size=TASK_ROWS * 16, num_cpus=DATA_CPUS)
         raw["train"] = raw["train"].map_batches(held, fn_kwargs={"keep": False}, batch_format="pandas",
-                                                num_cpus=DATA_CPUS)
+                                                batch_size=TASK_ROWS * 16, num_cpus=DATA_CPUS)
     t = time.perf_counter()
     counts = {split: _check(ds, redact(paths[split]), text, label) for split, ds in raw.items()}
     check_s = time.perf_counter() - t
@@ -164,7 +166,7 @@ def plan(cfg: TrainConfig) -> tuple[StreamPlan, dict]:
             more = f" and {len(unseen) - 1} other label(s)" if len(unseen) > 1 else ""
             raise DataError(f"{redact(paths[split])}: label '{unseen[0]}'{more} does not occur in the training split")
     ids = {n: i for i, n in enumerate(label_names)}
-    tokenise = dict(fn=_tokenise, batch_format="pandas", num_cpus=DATA_CPUS,
+    tokenise = dict(fn=_tokenise, batch_format="pandas", batch_size=TASK_ROWS, num_cpus=DATA_CPUS,
                     fn_kwargs=dict(model=cfg.model, max_length=cfg.max_length, text=text, label=label, ids=ids))
     datasets = {split: ds.map_batches(**tokenise) for split, ds in raw.items()}
     datasets["train"] = datasets["train"].randomize_block_order(seed=cfg.seed)
@@ -203,7 +205,7 @@ def _check(ds, source: str, text: str, label: str) -> dict[str, int]:
 
     try:
         counted = ds.map_batches(_count, fn_kwargs={"text": text, "label": label}, batch_format="pandas",
-                                 num_cpus=DATA_CPUS).to_pandas()
+                                 batch_size=TASK_ROWS * 16, num_cpus=DATA_CPUS).to_pandas()
     except Exception as exc:  # noqa: BLE001 - Ray wraps the reader's error; say it in one line
         if (err := gloss_error(exc)) is not None:
             raise err from None
