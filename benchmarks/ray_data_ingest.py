@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
             row["config"] = spec
             results.append(row)
             print(json.dumps(row), flush=True)
+            write(a, argv, results)          # after every configuration: a stopped series keeps its rows
     finally:
         if server is not None:
             server.terminate()
@@ -174,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
         tok = sum(r["tokenize_s"].values()) if r["tokenize_s"] else float("nan")
         print(f"{r['config']:<20}{'/'.join(f'{x:.0f}' for x in r['worker_peak_rss_mb']):>18}"
               f"{r['driver_peak_rss_mb']:>11.0f}{tok:>12.1f}{r['train_docs_per_s']:>9.1f}{r['run_wall_time_s']:>9.1f}")
+
+
+def write(a, argv, results: list[dict]) -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"machine": platform.node(), "cpus": os.cpu_count(),
                                        "command": " ".join(["python", "benchmarks/ray_data_ingest.py", *(argv or sys.argv[1:])]),
