@@ -107,7 +107,7 @@ def data_loader(cfg: TrainConfig) -> str:
         raise ConfigError(why)
     if cfg.data_loader != "auto":
         return cfg.data_loader
-    if why:
+    if why or not exists(streaming.sources(cfg)[1]["train"]):   # a missing file: the in-memory checks name it
         return "memory"
     return "ray-data" if streaming.count_train_rows(cfg) >= cfg.ray_data_min_docs else "memory"
 
