@@ -43,8 +43,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 import itertools
+import time
 import zlib
 from dataclasses import dataclass, field
 
@@ -212,18 +212,14 @@ def _check(ds, source: str, text: str, label: str) -> dict[str, int]:
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise DataError(f"{source}: cannot read: {redact(first)}") from exc
     totals = counted.groupby("label")["count"].sum().to_dict() if len(counted) else {}
-    if totals.pop(EMPTY, 0):
-        raise DataError(f"{source}: empty text in column '{text}' in {totals_of(counted, EMPTY)} row(s)")
-    if totals.pop(NO_LABEL, 0):
-        raise DataError(f"{source}: missing label in column '{label}' in {totals_of(counted, NO_LABEL)} row(s)")
+    if empty := int(totals.pop(EMPTY, 0)):
+        raise DataError(f"{source}: empty text in column '{text}' in {empty} row(s)")
+    if missing := int(totals.pop(NO_LABEL, 0)):
+        raise DataError(f"{source}: missing label in column '{label}' in {missing} row(s)")
     totals = {k: int(v) for k, v in totals.items() if v}
     if not totals:
         raise DataError(f"{source}: no data rows")
     return totals
-
-
-def totals_of(counted: pd.DataFrame, marker: str) -> int:
-    return int(counted.loc[counted["label"] == marker, "count"].sum())
 
 
 @functools.lru_cache(maxsize=2)
